@@ -1,0 +1,349 @@
+"""Shared plumbing for the five scripts: data loading and image-grid / plot utilities, nothing else.
+
+Every model, loss, training loop, metric and checkpoint lives in its own script (CleanRL-style: the
+duplication between scripts is deliberate, see README.md). This file only
+
+* loads data as tensors that live on the run's device (no DataLoader workers: batches are slices of a
+  random permutation), with one-line errors when data is missing or corrupt;
+* renders a dSprites-like dataset with known factors on the fly (``sprites``);
+* samples the 2-D toy mixtures of the Unrolled GAN paper (``ring``, ``grid``);
+* saves image grids (with row/column labels), traversal grids, scatter rows and metric curves.
+
+Pixel range: every image dataset yields float images in [0, 1]; a script with a tanh generator maps
+them to [-1, 1] itself (``x * 2 - 1``) and says so.
+"""
+import contextlib
+import csv
+import io
+import math
+import os
+
+import matplotlib
+import PIL.Image
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+DATASETS = ("mnist", "sprites", "celeba", "ring", "grid")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def die(message):
+    """Stop the program with a one-line error (no traceback) and exit status 1."""
+    raise SystemExit(f"error: {message}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor datasets: the whole dataset on the device, batches by index
+# ------------------------------------------------------------------------------------------------
+class TensorData:
+    """Images stored as uint8 (N, C, H, W) on the device, with optional labels (N,) or factors (N, F)."""
+
+    def __init__(self, images, labels=None, name=""):
+        self.images, self.labels, self.name = images, labels, name
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    @property
+    def shape(self):  # (C, H, W)
+        return tuple(self.images.shape[1:])
+
+    def batch(self, idx):
+        """Float images in [0, 1] (B, C, H, W) and their labels (or None) for an index tensor."""
+        x = self.images[idx].float().div_(255)
+        return x, (None if self.labels is None else self.labels[idx])
+
+    def epoch(self, batch_size, generator):
+        """One pass in random order; the last incomplete batch is dropped. Yields (x, y)."""
+        perm = torch.randperm(len(self), generator=generator).to(self.images.device)
+        for i in range(len(self) // batch_size):
+            yield self.batch(perm[i * batch_size:(i + 1) * batch_size])
+
+
+def load_mnist(root, device, train=True):
+    """MNIST through torchvision (download=True); one-line errors when it is missing or corrupt."""
+    root = os.path.abspath(os.path.expanduser(root))
+    split = "train" if train else "test"
+    try:
+        try:
+            ds = torchvision.datasets.MNIST(root, train=train, download=False)
+        except RuntimeError:  # not on disk: try to download it, quietly
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ds = torchvision.datasets.MNIST(root, train=train, download=True)
+    except Exception as e:  # no network, truncated download, ...
+        die(f"MNIST ({split}) not found in {root}/MNIST/raw and the download failed ({type(e).__name__}). "
+            f"Put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+            f"t10k-labels-idx1-ubyte in ROOT/MNIST/raw/ and pass --data-root ROOT")
+    n, h, w = ds.data.shape
+    if ds.data.dtype != torch.uint8 or (h, w) != (28, 28) or ds.targets.shape != (n,) or n == 0:
+        die(f"MNIST ({split}) in {root}/MNIST/raw is corrupt: images {tuple(ds.data.shape)} {ds.data.dtype}, "
+            f"labels {tuple(ds.targets.shape)}; delete that folder and supply the original files")
+    if int(ds.targets.min()) < 0 or int(ds.targets.max()) > 9:
+        die(f"MNIST ({split}) in {root}/MNIST/raw is corrupt: labels outside 0-9")
+    return TensorData(ds.data.unsqueeze(1).to(device), ds.targets.long().to(device), "mnist")
+
+
+def find_images(root):
+    """Image files of a folder in the CelebA layout (ROOT/img_align_celeba/*.jpg), or of ROOT itself."""
+    root = os.path.abspath(os.path.expanduser(root))
+    for folder in (os.path.join(root, "celeba", "img_align_celeba"), os.path.join(root, "img_align_celeba"), root):
+        if os.path.isdir(folder):
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if files:
+                return [os.path.join(folder, f) for f in files]
+    die(f"no images (.jpg/.png) found in {root}/img_align_celeba or {root}. CelebA's aligned images "
+        f"(img_align_celeba.zip) are on the dataset's page (mmlab.ie.cuhk.edu.hk/projects/CelebA.html) "
+        f"or Kaggle; unzip it under ROOT and pass --data-root ROOT (any folder of face images works)")
+
+
+def load_image_folder(root, device, size=64, limit=None):
+    """Colour images of a folder, centre-cropped (at most 148 px, as usual for CelebA) and resized to size²."""
+    files = find_images(root)[:limit]
+    out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    for i, path in enumerate(files):
+        try:
+            with PIL.Image.open(path) as im:
+                img = torchvision.transforms.functional.pil_to_tensor(im.convert("RGB"))  # (3, H, W) uint8
+        except Exception as e:
+            die(f"cannot decode image {path} ({type(e).__name__}); remove it or replace it")
+        crop = min(img.shape[1], img.shape[2], 148)
+        img = torchvision.transforms.functional.center_crop(img, [crop, crop])
+        out[i] = torchvision.transforms.functional.resize(img, [size, size], antialias=True)
+    return TensorData(out.to(device), None, "celeba")
+
+
+# ------------------------------------------------------------------------------------------------
+# Sprites: a dSprites-like dataset rendered on the fly from its factors
+# ------------------------------------------------------------------------------------------------
+class Sprites:
+    """dSprites' factor layout (shape 3, scale 6, orientation 40, x 32, y 32; 64x64 binary images),
+    rendered on the device from the factors. Not the original dSprites file: our own renderer.
+
+    An index in [0, 737280) names one factor combination (mixed radix, last factor fastest), so an
+    epoch visits every combination once, like one pass over dSprites."""
+
+    FACTORS = ("shape", "scale", "orientation", "pos_x", "pos_y")
+    SIZES = (3, 6, 40, 32, 32)
+    SHAPES = ("square", "ellipse", "heart")
+    SIZE = 64
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.name = "sprites"
+        self.labels = None
+        c = (torch.arange(self.SIZE, dtype=torch.float32, device=self.device) + 0.5) / self.SIZE
+        self.py, self.px = torch.meshgrid(c, c, indexing="ij")  # pixel centres in [0, 1], y down
+
+    def __len__(self):
+        return math.prod(self.SIZES)
+
+    @property
+    def shape(self):
+        return (1, self.SIZE, self.SIZE)
+
+    def factors(self, idx):
+        """Factor indices (B, 5) of combination indices (B,)."""
+        idx, out = idx.clone(), []
+        for size in reversed(self.SIZES):
+            out.append(idx % size)
+            idx = idx // size
+        return torch.stack(out[::-1], dim=1)
+
+    def render(self, factors):
+        """Binary images (B, 1, 64, 64) in {0, 1} for factor indices (B, 5)."""
+        f = factors.to(self.device)
+        scale = 0.5 + 0.1 * f[:, 1].float()  # 0.5, 0.6, ..., 1.0
+        theta = 2 * math.pi * f[:, 2].float() / self.SIZES[2]
+        cx = 0.2 + 0.6 * f[:, 3].float() / (self.SIZES[3] - 1)  # centres keep the shape inside the frame
+        cy = 0.2 + 0.6 * f[:, 4].float() / (self.SIZES[4] - 1)
+        r = (0.16 * scale)[:, None, None]
+        dx, dy = self.px - cx[:, None, None], self.py - cy[:, None, None]
+        cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+        u, v = (cos * dx + sin * dy) / r, (-sin * dx + cos * dy) / r  # shape frame, rotated by theta
+        square = torch.maximum(u.abs(), v.abs()) <= 0.8
+        ellipse = u ** 2 + (v / 0.5) ** 2 <= 1
+        a, b = 1.1 * u, 0.15 - 1.1 * v  # heart curve (a² + b² - 1)³ - a² b³ <= 0, point down the image
+        heart = (a ** 2 + b ** 2 - 1) ** 3 - a ** 2 * b ** 3 <= 0
+        s = f[:, 0][:, None, None]
+        img = torch.where(s == 0, square, torch.where(s == 1, ellipse, heart))
+        return img.float().unsqueeze(1)
+
+    def batch(self, idx):
+        """Images (B, 1, 64, 64) in {0, 1} and their factor indices (B, 5)."""
+        f = self.factors(idx.to(self.device))
+        return self.render(f), f
+
+    def epoch(self, batch_size, generator):
+        perm = torch.randperm(len(self), generator=generator)
+        for i in range(len(self) // batch_size):
+            yield self.batch(perm[i * batch_size:(i + 1) * batch_size])
+
+    def eval_set(self, n, seed=0):
+        """A fixed evaluation set of n random combinations (the same for every run with this seed)."""
+        g = torch.Generator().manual_seed(seed)
+        return self.batch(torch.randperm(len(self), generator=g)[:n])
+
+
+# ------------------------------------------------------------------------------------------------
+# Toy 2-D mixtures of the Unrolled GAN paper (report Fig. 3)
+# ------------------------------------------------------------------------------------------------
+class ToyData:
+    """``ring``: 8 Gaussians at angles 2πk/8 on a circle of radius 2; ``grid``: 5x5 Gaussians at
+    {-4, -2, 0, 2, 4}²; std 0.02 each, equal weights. An 'epoch' is ``steps_per_epoch`` fresh batches."""
+
+    def __init__(self, name, device, std=0.02, steps_per_epoch=500):
+        if name == "ring":
+            angles = 2 * math.pi * torch.arange(8, dtype=torch.float32) / 8  # not linspace: 8 distinct
+            modes = 2.0 * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+        elif name == "grid":
+            g = torch.arange(-4.0, 5.0, 2.0)
+            modes = torch.cartesian_prod(g, g)
+        else:
+            raise ValueError(name)
+        self.name, self.std, self.steps_per_epoch = name, std, steps_per_epoch
+        self.modes = modes.to(device)
+        self.labels = None
+
+    @property
+    def shape(self):
+        return (2,)
+
+    def sample(self, n, generator):
+        """n points (n, 2) and the index of the mode each came from (n,)."""
+        k = torch.randint(len(self.modes), (n,), generator=generator).to(self.modes.device)
+        noise = torch.randn(n, 2, generator=generator).to(self.modes.device)
+        return self.modes[k] + self.std * noise, k
+
+    def epoch(self, batch_size, generator):
+        for _ in range(self.steps_per_epoch):
+            yield self.sample(batch_size, generator)
+
+
+def load_data(name, root, device, train=True, image_size=64, limit=None):
+    """One entry point for every dataset a script accepts (see ``DATASETS``)."""
+    if name == "mnist":
+        return load_mnist(root, device, train)
+    if name == "sprites":
+        return Sprites(device)
+    if name == "celeba":
+        return load_image_folder(root, device, image_size, limit)
+    if name in ("ring", "grid"):
+        return ToyData(name, device)
+    die(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+def save_grid(images, path, nrow, row_labels=None, col_labels=None, title=None, xlabel=None, ylabel=None):
+    """Save images (N, C, H, W) in [0, 1] as a grid of nrow columns, with optional row/column labels."""
+    images = images.detach().float().cpu().clamp(0, 1)
+    pad = 2
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=pad, pad_value=1.0)
+    rows, (h, w) = math.ceil(images.shape[0] / nrow), images.shape[2:]
+    fig, ax = plt.subplots(figsize=(max(3.0, nrow * 0.55 + 1), max(3.0, rows * 0.55 + 1)))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray" if images.shape[1] == 1 else None, vmin=0, vmax=1)
+    ax.set_xticks([pad + j * (w + pad) + w / 2 for j in range(nrow)] if col_labels else [])
+    ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(rows)] if row_labels else [])
+    if col_labels:
+        ax.set_xticklabels(col_labels, fontsize=7)
+    if row_labels:
+        ax.set_yticklabels(row_labels, fontsize=7)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=8)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def save_traversal(images, path, values, row_labels=None, title=None, xlabel="code value", ylabel=None):
+    """Save a traversal grid: images (R, C, ch, H, W), one row per row label, column j at values[j]."""
+    r, c = images.shape[:2]
+    assert len(values) == c, (len(values), c)
+    save_grid(images.reshape(r * c, *images.shape[2:]), path, nrow=c, row_labels=row_labels,
+              col_labels=[f"{float(v):+.1f}" for v in values], title=title, xlabel=xlabel, ylabel=ylabel)
+
+
+def save_scatter_rows(rows, path, modes=None, lim=None, title=None):
+    """Fig 3-style scatter plots: rows = {row_label: [(column_title, points (N, 2)), ...]}."""
+    n_rows, n_cols = len(rows), max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.0 * n_cols, 2.1 * n_rows), squeeze=False)
+    for i, (label, panels) in enumerate(rows.items()):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(panels):
+                ax.axis("off")
+                continue
+            col_title, pts = panels[j]
+            pts = torch.as_tensor(pts).detach().float().cpu()
+            if modes is not None:
+                m = torch.as_tensor(modes).float().cpu()
+                ax.scatter(m[:, 0], m[:, 1], s=12, c="red", marker="x", linewidths=0.8)
+            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.3, c="tab:blue")
+            if lim is not None:
+                ax.set_xlim(-lim, lim)
+                ax.set_ylim(-lim, lim)
+            ax.set_aspect("equal")
+            ax.set_title(col_title, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def append_metrics(path, row):
+    """Append one row (a dict) to a metrics CSV, writing the header when the file is new."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_metrics(path):
+    """Rows of a metrics CSV as dicts of floats (empty cells become nan)."""
+    with open(path, newline="") as f:
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=False):
+    """Curves of metrics.csv columns. runs: a CSV path, or {label: csv_path} to overlay runs (Fig 12)."""
+    runs = {"": runs} if isinstance(runs, (str, os.PathLike)) else runs
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, csv_path in runs.items():
+        rows = read_metrics(csv_path)
+        for col in columns:
+            if rows and col in rows[0]:
+                name = " ".join(s for s in (label, col if len(columns) > 1 or not label else "") if s)
+                ax.plot([r[x] for r in rows], [r[col] for r in rows], marker=".", label=name)
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel or (columns[0] if len(columns) == 1 else "value"))
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
