@@ -1,0 +1,80 @@
+"""Speed benchmark (issue 6): steps/s, images/s and peak memory of each script's training step.
+
+Each case runs the real script in a subprocess for 2·N steps with a progress line every N steps; the last
+line's steps/s (measured over that interval only) is the warm speed, so start-up, data loading, the first
+steps (allocator, cuDNN autotune) and the figures written at the end are not in the figure. Peak memory is
+the CUDA peak the script prints, or on the CPU the child's peak resident set (os.wait4's rusage).
+
+    python benchmark.py --device cpu  --data-root /tmp/mnist --steps 20
+    python benchmark.py --device cuda --data-root /tmp/mnist --steps 200 --only unrolled_infogan
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# (name, script, batch size, extra flags)
+CASES = [
+    ("infogan", "infogan.py", 64, ["--dataset", "mnist"]),
+    ("unrolled_infogan k0", "unrolled_infogan.py", 64, ["--dataset", "mnist", "--k", "0"]),
+    ("unrolled_infogan k5", "unrolled_infogan.py", 64, ["--dataset", "mnist", "--k", "5"]),
+    ("unrolled_infogan k10", "unrolled_infogan.py", 64, ["--dataset", "mnist", "--k", "10"]),
+    ("unrolled_infogan k10 first-order", "unrolled_infogan.py", 64, ["--dataset", "mnist", "--k", "10", "--first-order"]),
+    ("unrolled_infogan ring k0", "unrolled_infogan.py", 512, ["--dataset", "ring", "--k", "0", "--n-cat", "0", "--n-cont", "0"]),
+    ("unrolled_infogan ring k10", "unrolled_infogan.py", 512, ["--dataset", "ring", "--k", "10", "--n-cat", "0", "--n-cont", "0"]),
+    ("beta_vae sprites", "beta_vae.py", 64, ["--dataset", "sprites"]),
+    ("vae_gan sprites", "vae_gan.py", 64, ["--dataset", "sprites"]),
+    ("vae_infogan sprites k5", "vae_infogan.py", 64, ["--dataset", "sprites", "--k", "5"]),
+]
+
+
+def run_case(script, batch, flags, args, out_dir):
+    cmd = [sys.executable, os.path.join(HERE, script), *flags, "--device", args.device, "--data-root", args.data_root,
+           "--batch-size", str(batch), "--steps", str(2 * args.steps), "--log-every", str(args.steps),
+           "--out", out_dir, "--seed", "1"]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out_dir)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        return None, f"failed (rc {proc.returncode}): {output.strip().splitlines()[-1] if output.strip() else ''}"
+    rates = re.findall(r"([\d.]+) steps/s", "\n".join(l for l in output.splitlines() if not l.startswith("done")))
+    gpu = re.search(r"peak GPU memory ([\d.]+) MiB", output)
+    mem = f"{float(gpu.group(1)):.0f} MiB (GPU)" if gpu else f"{usage.ru_maxrss / 1024:.0f} MiB (RSS)"
+    return (float(rates[-1]) if rates else None), f"{mem}; {time.time() - t0:.0f} s wall"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="device passed to every script (default: %(default)s)")
+    p.add_argument("--data-root", default="./data", help="MNIST root (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="steps per measured interval, after as many warm-up steps (default: %(default)s)")
+    p.add_argument("--only", default="", help="run only cases whose name contains this text (default: all)")
+    p.add_argument("--markdown", default=None, help="also write the table to this file (default: none)")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        sys.exit(f"error: --steps must be >= 1 (got {args.steps})")
+    args.data_root = os.path.abspath(args.data_root)
+    lines = [f"| case | steps/s | images/s | peak memory; wall |", "|---|---:|---:|---|"]
+    print(lines[0], lines[1], sep="\n", flush=True)
+    with tempfile.TemporaryDirectory() as out_dir:
+        for name, script, batch, flags in CASES:
+            if args.only not in name:
+                continue
+            rate, info = run_case(script, batch, flags, args, out_dir)
+            row = f"| {name} | {rate:.2f} | {rate * batch:.0f} | {info} |" if rate else f"| {name} | - | - | {info} |"
+            lines.append(row)
+            print(row, flush=True)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
