@@ -61,7 +61,7 @@ def main(argv=None):
     if args.steps < 1:
         sys.exit(f"error: --steps must be >= 1 (got {args.steps})")
     args.data_root = os.path.abspath(args.data_root)
-    lines = [f"| case | steps/s | images/s | peak memory; wall |", "|---|---:|---:|---|"]
+    lines = ["| case | steps/s | images/s | peak memory; wall |", "|---|---:|---:|---|"]
     print(lines[0], lines[1], sep="\n", flush=True)
     with tempfile.TemporaryDirectory() as out_dir:
         for name, script, batch, flags in CASES:

@@ -9,7 +9,6 @@ Reproduce (CPU, ~20 min each):  python beta_vae.py --dataset sprites --beta 4 --
 """
 import argparse
 import json
-import math
 import os
 import time
 
