@@ -94,6 +94,30 @@ def one_line_error(proc):
     return lines[0]
 
 
+def assert_same(a, b):
+    """Assert two (nested dicts / lists of) tensors and values are equal bit for bit, dtypes included."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b) and a.dtype == b.dtype
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            assert_same(u, v)
+    else:
+        assert a == b
+
+def parse_error(module, args):
+    """Assert module.parse_args(args) stops with a one-line 'error:' (SystemExit); return the line."""
+    with pytest.raises(SystemExit) as e:
+        module.parse_args([*args, "--device", "cpu"])
+    msg = str(e.value)
+    assert msg.startswith("error:") and "\n" not in msg, msg
+    return msg
+
+
 # ------------------------------------------------------------------------------------------------
 # common.py
 # ------------------------------------------------------------------------------------------------
@@ -410,21 +434,6 @@ def state_copy(D, opt_d):
     return (copy.deepcopy(D.state_dict()), copy.deepcopy(opt_d.state_dict()))
 
 
-def ui_assert_same(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b) and a.dtype == b.dtype
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            ui_assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for u, v in zip(a, b):
-            ui_assert_same(u, v)
-    else:
-        assert a == b
-
-
 @pytest.mark.parametrize("first_order", [False, True])
 def test_generator_step_leaves_d_bit_for_bit_unchanged(first_order):
     G, D, opt_g, opt_d, x, z = tiny_setup()
@@ -436,9 +445,9 @@ def test_generator_step_leaves_d_bit_for_bit_unchanged(first_order):
         assert torch.isfinite(losses).all() and losses[1] > 0  # f_K, li_cat, li_cont
     after = state_copy(D, opt_d)
     q_keys = [key for key in after[0] if key.startswith("q_head.")]
-    ui_assert_same({key: v for key, v in before[0].items() if key not in q_keys},  # body, d_head, all BN buffers
+    assert_same({key: v for key, v in before[0].items() if key not in q_keys},  # body, d_head, all BN buffers
                 {key: v for key, v in after[0].items() if key not in q_keys})
-    ui_assert_same(before[1], after[1])  # D's Adam: moments and step count
+    assert_same(before[1], after[1])  # D's Adam: moments and step count
     assert not torch.equal(q_before["weight"], D.q_head.weight)  # Q's head (owned by opt_g) did train
     assert all(p.grad is None for p in D.d_head.parameters())  # nothing leaked into the real D's head
 
@@ -539,9 +548,7 @@ def test_mnist_sweep_smoke(tmp_path, tiny_mnist):
                                   ["--epochs", "0"], ["--dataset", "ring", "--unroll-lr", "0"], ["--n-cat", "1"],
                                   ["--k", "0", "5", "--resume", "x"]])
 def test_bad_input_is_one_line(args):
-    with pytest.raises(SystemExit) as e:
-        ui.parse_args([*args, "--device", "cpu"])
-    assert str(e.value).startswith("error:") and "\n" not in str(e.value)
+    parse_error(ui, args)
 
 
 def test_bad_input_in_a_subprocess_and_bad_resume(tmp_path):
@@ -762,14 +769,6 @@ def snapshot(D, d_opt):
                            for k, st in d_opt.state_dict()["state"].items()}))
 
 
-def vi_assert_same(a, b):
-    (sa, oa), (sb, ob) = a, b
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert oa.keys() == ob.keys()
-    for k in oa:
-        assert oa[k].keys() == ob[k].keys() and all(torch.equal(torch.as_tensor(oa[k][s]), torch.as_tensor(ob[k][s])) for s in oa[k])
-
-
 def test_generator_step_leaves_d_bit_for_bit():
     args = vi.parse_args(["--dataset", "mnist", "--width", "4", "--latents", "4", "--n-info", "2", "--k", "3", "--device", "cpu"])
     torch.manual_seed(0)
@@ -785,7 +784,7 @@ def test_generator_step_leaves_d_bit_for_bit():
     before, dec_before = snapshot(D, opts["disc"]), copy.deepcopy(nets["dec"].state_dict())
     mu, logvar, z, z_p, fakes = vi.forward(nets["enc"], nets["dec"], x)
     vi.generator_step(nets, opts, x, mu, logvar, z, z_p, fakes, args)
-    vi_assert_same(before, snapshot(D, opts["disc"]))
+    assert_same(before, snapshot(D, opts["disc"]))
     assert not torch.equal(dec_before["fc.0.weight"], nets["dec"].state_dict()["fc.0.weight"])  # it did train
 
 
@@ -852,9 +851,7 @@ def test_smoke_celeba_folder(tmp_path, tiny_celeba):
 
 @pytest.mark.parametrize("flags", [["--n-info", "11"], ["--n-info", "0"], ["--k", "-1"]])
 def test_bad_input_one_line(flags):
-    with pytest.raises(SystemExit) as e:
-        vi.parse_args([*flags, "--device", "cpu"])
-    assert str(e.value).startswith("error: --") and "\n" not in str(e.value)
+    assert parse_error(vi, flags).startswith("error: --")
 
 
 def test_bad_input_exits_with_one_line_in_a_subprocess(tmp_path):
