@@ -232,7 +232,7 @@ def infogan_train(data_root, out, *extra, cwd):
                       "--device", "cpu", "--out", out, "--log-every", "2", *extra, cwd=cwd)
 
 
-def test_smoke_run_writes_folder_figures_finite_metrics(tiny_mnist, tmp_path):
+def test_infogan_smoke_run_writes_folder_figures_finite_metrics(tiny_mnist, tmp_path):
     proc = infogan_train(tiny_mnist, tmp_path / "runs", "--steps", "3", cwd=tmp_path)
     run = infogan_only_run(tmp_path / "runs")
     assert os.path.basename(run).startswith("infogan__mnist__s1__")
@@ -302,7 +302,7 @@ def test_networks_shapes_and_pixel_range():
     assert d.shape == (5,) and q.shape == (5, 12)
 
 
-def test_resume_continues_from_saved_step_bit_for_bit(tiny_mnist, tmp_path):
+def test_infogan_resume_continues_from_saved_step_bit_for_bit(tiny_mnist, tmp_path):
     infogan_train(tiny_mnist, tmp_path / "a", "--steps", "4", cwd=tmp_path)
     run = infogan_only_run(tmp_path / "a")
     assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["step"] == 4
@@ -547,11 +547,11 @@ def test_mnist_sweep_smoke(tmp_path, tiny_mnist):
 @pytest.mark.parametrize("args", [["--k", "-1"], ["--dataset", "ring", "--n-cat", "10"], ["--k", "5", "0", "5"],
                                   ["--epochs", "0"], ["--dataset", "ring", "--unroll-lr", "0"], ["--n-cat", "1"],
                                   ["--k", "0", "5", "--resume", "x"]])
-def test_bad_input_is_one_line(args):
+def test_unrolled_bad_flags_are_one_line(args):
     parse_error(ui, args)
 
 
-def test_bad_input_in_a_subprocess_and_bad_resume(tmp_path):
+def test_unrolled_bad_input_in_a_subprocess_and_bad_resume(tmp_path):
     line = one_line_error(run_script("unrolled_infogan.py", "--k", "-1", "--device", "cpu", cwd=tmp_path, expect_rc=None))
     assert "--k must be >= 0 (got -1)" in line
     bogus = tmp_path / "checkpoint.pt"
@@ -736,7 +736,7 @@ def tiny_gan(seed=0):
     return G, D, d_opt, x_real, noise
 
 
-def test_unrolled_gradient_matches_finite_differences_and_differs_from_first_order():
+def test_vae_infogan_unrolled_gradient_matches_finite_differences():
     G, D, d_opt, x_real, noise = tiny_gan()
     params = dict(G.named_parameters())
 
@@ -757,7 +757,7 @@ def test_unrolled_gradient_matches_finite_differences_and_differs_from_first_ord
         assert abs(first - exact) / abs(exact) > 1e-3, (float(first), float(exact))
 
 
-def test_k0_is_the_plain_generator_loss():
+def test_vae_infogan_k0_is_the_plain_generator_loss():
     G, D, d_opt, x_real, noise = tiny_gan()
     fake = G(noise)
     assert torch.equal(vi.unrolled_g_loss(D, d_opt, x_real, fake, 0), vi.g_loss(vi.d_call(D, fake)[0]))
@@ -769,7 +769,7 @@ def snapshot(D, d_opt):
                            for k, st in d_opt.state_dict()["state"].items()}))
 
 
-def test_generator_step_leaves_d_bit_for_bit():
+def test_vae_infogan_generator_step_leaves_d_bit_for_bit():
     args = vi.parse_args(["--dataset", "mnist", "--width", "4", "--latents", "4", "--n-info", "2", "--k", "3", "--device", "cpu"])
     torch.manual_seed(0)
     nets = vi.build(args, (1, 28, 28))
@@ -788,7 +788,7 @@ def test_generator_step_leaves_d_bit_for_bit():
     assert not torch.equal(dec_before["fc.0.weight"], nets["dec"].state_dict()["fc.0.weight"])  # it did train
 
 
-def test_kl_split_with_hand_set_encoder_output():
+def test_vae_infogan_kl_split_with_hand_set_encoder_output():
     enc = vi.Encoder(1, 28, 4, (2, 2))
     mu = torch.tensor([1.0, 0.0, -2.0, 0.5])
     logvar = torch.tensor([0.0, math.log(4.0), math.log(0.25), 0.0])
@@ -805,7 +805,7 @@ def test_kl_split_with_hand_set_encoder_output():
     assert abs(float(kl_rest) - (0.5 * (4 + 0.25 + math.log(4) - 1) + 0.125) / 2) < 1e-6
 
 
-def test_mig_known_answers():
+def test_vae_infogan_mig_known_answers():
     f = torch.cartesian_prod(torch.arange(3), torch.arange(6)).repeat(10, 1)  # independent factors, all combinations
     assert abs(vi.mig(f.float() * 0.7 - 1, f)[0] - 1.0) < 1e-9  # one latent per factor: perfect
     codes = torch.stack([f[:, 0], f[:, 0], f[:, 1]], 1).float()  # factor 0 in two latents: gap 0 for it
@@ -824,7 +824,7 @@ def vi_check_run(out, n_latents):
     return run, row
 
 
-def test_smoke_sprites(tmp_path):
+def test_vae_infogan_smoke_sprites(tmp_path):
     run_script("vae_infogan.py", "--steps", "3", "--batch-size", "16", "--device", "cpu", "--out", tmp_path,
                "--width", "4", "--k", "2", "--mig-samples", "300", cwd=tmp_path)
     run, row = vi_check_run(str(tmp_path), 10)
@@ -832,7 +832,7 @@ def test_smoke_sprites(tmp_path):
     assert "shape" in open(os.path.join(run, "factors.txt")).read()
 
 
-def test_smoke_mnist_and_resume(tmp_path, tiny_mnist):
+def test_vae_infogan_smoke_mnist_and_resume(tmp_path, tiny_mnist):
     args = ["--dataset", "mnist", "--data-root", tiny_mnist, "--batch-size", "16", "--device", "cpu", "--out", tmp_path,
             "--width", "4", "--k", "2"]
     run_script("vae_infogan.py", *args, "--steps", "3", cwd=tmp_path)
@@ -843,17 +843,17 @@ def test_smoke_mnist_and_resume(tmp_path, tiny_mnist):
         vi.load_checkpoint(run, vi.parse_args([*map(str, args), "--latents", "12"]))
 
 
-def test_smoke_celeba_folder(tmp_path, tiny_celeba):
+def test_vae_infogan_smoke_celeba_folder(tmp_path, tiny_celeba):
     run_script("vae_infogan.py", "--dataset", "celeba", "--data-root", tiny_celeba, "--steps", "3", "--batch-size", "4",
                "--device", "cpu", "--out", tmp_path, "--width", "4", "--k", "1", "--latents", "8", cwd=tmp_path)
     vi_check_run(str(tmp_path), 8)
 
 
 @pytest.mark.parametrize("flags", [["--n-info", "11"], ["--n-info", "0"], ["--k", "-1"]])
-def test_bad_input_one_line(flags):
+def test_vae_infogan_bad_flags_are_one_line(flags):
     assert parse_error(vi, flags).startswith("error: --")
 
 
-def test_bad_input_exits_with_one_line_in_a_subprocess(tmp_path):
+def test_vae_infogan_bad_input_in_a_subprocess(tmp_path):
     line = one_line_error(run_script("vae_infogan.py", "--n-info", "11", "--device", "cpu", cwd=tmp_path, expect_rc=None))
     assert "--n-info" in line and "--latents" in line
