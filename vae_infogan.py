@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 import common
 
-SCRIPT = "vae_infogan"
+SCRIPT = "vae_infogan.py"
 DEFAULT_LATENTS = {"sprites": 10, "mnist": 10, "celeba": 32}
 
 
@@ -430,7 +430,7 @@ def main(argv=None):
         data_gen.set_state(ckpt["rng"]["data"])
         run = os.path.dirname(os.path.abspath(path))
     else:
-        run = os.path.join(args.out, f"{SCRIPT}__{args.dataset}__k{args.k}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        run = os.path.join(args.out, f"vae_infogan__{args.dataset}__k{args.k}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
         os.makedirs(run, exist_ok=True)
         with open(os.path.join(run, "config.json"), "w") as f:
             dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
