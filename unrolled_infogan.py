@@ -31,7 +31,7 @@ REPORT = {0: (0.14, 0.02), 5: (0.076, 0.006), 7: (0.072, 0.0015), 10: (0.012, 0.
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
     p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default: %(default)s)")

@@ -26,7 +26,7 @@ DEFAULT_LATENTS = {"sprites": 10, "mnist": 10, "celeba": 32}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
     p.add_argument("--data-root", default="./data", help="folder holding MNIST/ or img_align_celeba/ (default: %(default)s)")
