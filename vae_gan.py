@@ -265,6 +265,18 @@ def save_figures(enc, dec, fixed_x, fixed_z, kl_z, run, step):
     enc.train(), dec.train()
 
 
+def load_checkpoint(path, device, flag=""):
+    """A checkpoint dict from a checkpoint.pt or its run folder; a one-line error for anything else."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        common.die(f"{flag}{path} is not a checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict):
+        common.die(f"{flag}{path} is not a checkpoint (holds a {type(ckpt).__name__})")
+    return path, ckpt
+
+
 @torch.no_grad()
 def save_comparison(ckpt_paths, enc, dec, fixed_x, dataset, path, device):
     """real / β-VAE reconstruction(s) / VAE-GAN reconstruction of the same fixed images, from beta_vae.py
@@ -273,12 +285,8 @@ def save_comparison(ckpt_paths, enc, dec, fixed_x, dataset, path, device):
     enc.eval(), dec.eval()
     rows, labels = [fixed_x], ["real"]
     for p in ckpt_paths:
-        p = p if os.path.isfile(p) else os.path.join(p, "checkpoint.pt")
-        try:
-            ckpt = torch.load(p, map_location=device, weights_only=False)
-        except Exception as e:
-            common.die(f"--compare-with {p} is not a checkpoint ({type(e).__name__})")
-        if not isinstance(ckpt, dict) or ckpt.get("script") != "beta_vae.py" or ckpt["args"]["dataset"] != dataset:
+        p, ckpt = load_checkpoint(p, device, "--compare-with ")
+        if ckpt.get("script") != "beta_vae.py" or ckpt["args"]["dataset"] != dataset:
             common.die(f"--compare-with {p} is not a beta_vae.py checkpoint on {dataset}")
         c, s, lat = fixed_x.shape[1], fixed_x.shape[2], ckpt["args"]["latents"]
         b_enc, b_dec = beta_vae.Encoder(c, s, lat).to(device), beta_vae.Decoder(c, s, lat).to(device)
@@ -330,13 +338,9 @@ def main(argv=None):
 
     # ---- run folder / resume ----
     if args.resume:
-        path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
-        try:
-            ckpt = torch.load(path, map_location=device, weights_only=False)
-        except Exception as e:
-            common.die(f"{path} is not a checkpoint ({type(e).__name__})")
-        if not isinstance(ckpt, dict) or ckpt.get("script") != "vae_gan.py":
-            common.die(f"{path} is a checkpoint of {ckpt.get('script') if isinstance(ckpt, dict) else '?'}, not of vae_gan.py")
+        path, ckpt = load_checkpoint(args.resume, device)
+        if ckpt.get("script") != "vae_gan.py":
+            common.die(f"{path} is a checkpoint of {ckpt.get('script', '?')}, not of vae_gan.py")
         for flag in ("dataset", "latents", "width"):
             if ckpt["args"][flag] != getattr(args, flag):
                 common.die(f"{path} was trained with --{flag} {ckpt['args'][flag]}, not {getattr(args, flag)}")
