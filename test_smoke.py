@@ -788,6 +788,24 @@ def test_vae_infogan_generator_step_leaves_d_bit_for_bit():
     assert not torch.equal(dec_before["fc.0.weight"], nets["dec"].state_dict()["fc.0.weight"])  # it did train
 
 
+def test_vae_infogan_gan_loss_reaches_the_decoder_only():
+    """The routing table: with β, both reconstruction weights and λ at 0, the encoder's loss is 0, so one step of a
+    fresh Adam leaves it bit for bit; the decoder still trains on f_K. With the feature term back, the encoder moves."""
+    for weight in (0.0, 1.0):
+        args = vi.parse_args(["--dataset", "mnist", "--width", "4", "--latents", "4", "--n-info", "2", "--k", "2",
+                              "--beta", "0", "--pixel-weight", "0", "--lambda-info", "0", "--feature-weight", str(weight)])
+        torch.manual_seed(0)
+        nets = vi.build(args, (1, 28, 28))
+        opts = {k: torch.optim.Adam(m.parameters(), lr=1e-2) for k, m in nets.items()}
+        enc0 = {n: p.detach().clone() for n, p in nets["enc"].named_parameters()}  # (BatchNorm stats do move)
+        dec0 = copy.deepcopy(nets["dec"].state_dict())
+        x = torch.rand(8, 1, 28, 28)
+        vi.generator_step(nets, opts, x, *vi.forward(nets["enc"], nets["dec"], x), args)
+        enc_same = all(torch.equal(enc0[n], p) for n, p in nets["enc"].named_parameters())
+        assert enc_same == (weight == 0.0)
+        assert not torch.equal(dec0["fc.0.weight"], nets["dec"].state_dict()["fc.0.weight"])
+
+
 def test_vae_infogan_kl_split_with_hand_set_encoder_output():
     enc = vi.Encoder(1, 28, 4, (2, 2))
     mu = torch.tensor([1.0, 0.0, -2.0, 0.5])

@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term for the encoder (default: %(default)s)")
     p.add_argument("--lambda-info", type=float, default=1.0, help="weight λ of the information term L_I (default: %(default)s)")
     p.add_argument("--gamma", type=float, default=1.0, help="weight of the feature reconstruction in the decoder's loss (default: %(default)s)")
+    p.add_argument("--feature-weight", type=float, default=1.0, help="weight of Larsen et al.'s feature-wise "
+                   "reconstruction in D's body, Dis_l (default: %(default)s)")
     p.add_argument("--pixel-weight", type=float, default=1.0, help="weight of a pixel-wise Bernoulli reconstruction "
                    "term added to the feature-wise one; 0 = Larsen et al.'s Dis_l term only (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of every network and of the unroll (default: %(default)s)")
@@ -65,7 +67,7 @@ def parse_args(argv=None):
     if a.n_info >= a.latents:
         common.die(f"--n-info must be smaller than --latents, leaving at least one incompressible latent "
                    f"(got --n-info {a.n_info}, --latents {a.latents})")
-    for name in ("beta", "lambda_info", "gamma", "pixel_weight"):
+    for name in ("beta", "lambda_info", "gamma", "feature_weight", "pixel_weight"):
         if not getattr(a, name) >= 0:
             common.die(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(a, name)})")
     if not a.lr > 0:
@@ -248,7 +250,7 @@ def unrolled_g_loss(D, d_opt, x_real, x_fake, k, first_order=False):
 #
 #   loss term                                   | encoder | decoder | D (body+adv head) | Q (head+body)
 #   β·KL(q(z|x) || N(0,I))                      |   yes   |         |                   |
-#   L_llike^Dis_l (feature recon in D's body)   |   yes   |  γ·yes  |                   |
+#   --feature-weight · L_llike^Dis_l (D's body) |   yes   |  γ·yes  |                   |
 #     + --pixel-weight · pixel Bernoulli recon  |   yes   |  γ·yes  |                   |
 #   GAN: D's loss (eq. 1), live D               |         |         |        yes        |
 #   GAN: f_K (eq. 10), unrolled D, non-sat.     |         |   yes   |                   |
@@ -279,7 +281,7 @@ def generator_step(nets, opts, x, mu, logvar, z, z_p, fakes, args):
     loss_g = unrolled_g_loss(D, opts["disc"], x, fakes, args.k, args.first_order)
     # ---- generator step ----
     _, feat, q = d_call(D, torch.cat([x, fakes]))  # live D/Q: Dis_l of x and x~, and Q(c | x~)
-    recon = feature_recon(feat[:b].detach(), feat[b:2 * b]) + args.pixel_weight * pixel_recon(x, fakes[:b])
+    recon = args.feature_weight * feature_recon(feat[:b].detach(), feat[b:2 * b]) + args.pixel_weight * pixel_recon(x, fakes[:b])
     li = gaussian_nll(q[b:], torch.cat([z[:, :n], z_p[:, :n]]))  # eq. (12)-(13): L_I with the non-unrolled Q
     kl_lat = kl_per_latent(mu, logvar)
     kl = kl_lat.sum()
