@@ -583,6 +583,8 @@ def train(args, k, out_dir):
         row = {"epoch": round(step / steps_per_epoch, 3), "step": step,
                "seconds": round(seconds + time.time() - t_start, 2),  # wall seconds, summed over resumed sessions
                "steps_per_s": steps_per_s, **means, **evaluate()}
+        if device.type == "cuda":  # issue 6: peak memory per epoch, to see that create_graph keeps no graph alive
+            row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         common.append_metrics(os.path.join(run_dir, "metrics.csv"), row)
         print(f"epoch {epoch} done: " + "  ".join(f"{c} {row[c]:.4g}" for c in row if c in
                                                   ("test_acc", "modes", "modes10", "hq_pct", "reverse_kl")), flush=True)
