@@ -7,6 +7,7 @@ the CUDA peak the script prints, or on the CPU the child's peak resident set (os
 
     python benchmark.py --device cpu  --data-root /tmp/mnist --steps 20
     python benchmark.py --device cuda --data-root /tmp/mnist --steps 200 --only unrolled_infogan
+    python benchmark.py --count-ops      # aten calls per unrolled_infogan.py step, K = 0, 5, 10
 """
 import argparse
 import os
@@ -50,6 +51,27 @@ def run_case(script, batch, flags, args, out_dir):
     return (float(rates[-1]) if rates else None), f"{mem}; {time.time() - t0:.0f} s wall"
 
 
+def count_ops(k, first_order, device):
+    """What bounds eager speed on a GPU: the aten calls one unrolled_infogan.py MNIST step dispatches (nested calls
+    included), counted with torch.profiler on random images of batch 64, after two warm-up steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    import unrolled_infogan as U
+    args = U.parse_args(["--k", str(k), "--device", device] + (["--first-order"] if first_order else []))
+    torch.manual_seed(0)
+    G, D = U.Generator(74).to(device), U.Discriminator(10, 2).to(device)
+    opt_d = torch.optim.Adam([*D.body.parameters(), *D.d_head.parameters()], lr=2e-4, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam([*G.parameters(), *D.q_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
+    x = torch.rand(64, 1, 28, 28, device=device) * 2 - 1
+    for _ in range(2):
+        U.train_step(G, D, opt_d, opt_g, x, [x] * k, k, args)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        U.train_step(G, D, opt_d, opt_g, x, [x] * k, k, args)
+    events = prof.key_averages()
+    heavy = ("aten::addmm", "aten::mm", "aten::bmm", "aten::convolution", "aten::convolution_backward")
+    return sum(e.count for e in events if e.key.startswith("aten::")), sum(e.count for e in events if e.key in heavy)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="device passed to every script (default: %(default)s)")
@@ -57,7 +79,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="steps per measured interval, after as many warm-up steps (default: %(default)s)")
     p.add_argument("--only", default="", help="run only cases whose name contains this text (default: all)")
     p.add_argument("--markdown", default=None, help="also write the table to this file (default: none)")
+    p.add_argument("--count-ops", action="store_true", help="instead, count the aten calls of one unrolled_infogan.py "
+                   "MNIST step per K (what bounds eager speed on a GPU)")
     args = p.parse_args(argv)
+    if args.count_ops:
+        print("| unrolled_infogan MNIST step | aten calls | matmul/conv calls |\n|---|---:|---:|")
+        for k, first_order in ((0, False), (5, False), (10, False), (10, True)):
+            n, heavy = count_ops(k, first_order, args.device)
+            print(f"| K = {k}{', first-order' if first_order else ''} | {n} | {heavy} |", flush=True)
+        return
     if args.steps < 1:
         sys.exit(f"error: --steps must be >= 1 (got {args.steps})")
     args.data_root = os.path.abspath(args.data_root)

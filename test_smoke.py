@@ -486,6 +486,15 @@ def test_one_unrolled_step_is_torch_adam():
         assert not torch.equal(b, dict(D.named_buffers())[name])
 
 
+def test_benchmark_counts_more_ops_per_unrolled_step():
+    """benchmark.py --count-ops: each exact unrolled step adds calls (forward, backward, double backward, Adam);
+    the first-order unroll dispatches fewer than the exact one at the same K."""
+    import benchmark
+    n0, n1, n2 = (benchmark.count_ops(k, False, "cpu")[0] for k in (0, 1, 2))
+    assert n0 < n1 < n2 and abs((n2 - n1) - (n1 - n0)) < 0.2 * (n1 - n0)  # about linear in K
+    assert benchmark.count_ops(2, True, "cpu")[0] < n2
+
+
 def test_mode_metrics_on_known_samples():
     ring = common.ToyData("ring", "cpu")
     m, s = ring.modes.double(), ring.std
