@@ -59,9 +59,7 @@ def count_ops(k, first_order, device):
     import unrolled_infogan as U
     args = U.parse_args(["--k", str(k), "--device", device] + (["--first-order"] if first_order else []))
     torch.manual_seed(0)
-    G, D = U.Generator(74).to(device), U.Discriminator(10, 2).to(device)
-    opt_d = torch.optim.Adam([*D.body.parameters(), *D.d_head.parameters()], lr=2e-4, betas=(0.5, 0.999))
-    opt_g = torch.optim.Adam([*G.parameters(), *D.q_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
+    G, D, opt_d, opt_g = U.build(args, device)  # the script's own MNIST models and optimizers, default flags
     x = torch.rand(64, 1, 28, 28, device=device) * 2 - 1
     for _ in range(2):
         U.train_step(G, D, opt_d, opt_g, x, [x] * k, k, args)

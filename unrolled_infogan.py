@@ -451,6 +451,19 @@ def load_checkpoint(path, args):
 # ------------------------------------------------------------------------------------------------
 # One run (one K), then the sweep's comparison
 # ------------------------------------------------------------------------------------------------
+def build(args, device):
+    """Models and optimizers: D's optimizer owns D's body and head, G's owns G and Q's head (as infogan.py)."""
+    toy = args.dataset in TOY
+    n_latent = args.n_noise + args.n_cat + args.n_cont
+    G = (ToyG(n_latent, args.act) if toy else Generator(n_latent)).to(device)
+    D = (ToyD(args.act) if toy else Discriminator(args.n_cat, args.n_cont)).to(device)
+    d_params = list(D.parameters()) if toy else [*D.body.parameters(), *D.d_head.parameters()]
+    g_params = list(G.parameters()) + ([] if toy else list(D.q_head.parameters()))
+    opt_d = torch.optim.Adam(d_params, lr=args.lr_d, betas=(args.beta1, 0.999))
+    opt_g = torch.optim.Adam(g_params, lr=args.lr_g, betas=(args.beta1, 0.999))
+    return G, D, opt_d, opt_g
+
+
 def train(args, k, out_dir):
     args.k_run = k
     device = torch.device(args.device)
@@ -471,14 +484,7 @@ def train(args, k, out_dir):
         common.die(f"--batch-size {args.batch_size} is larger than the {len(train_data)} training images")
     total = args.epochs * steps_per_epoch if args.steps is None else min(args.steps, args.epochs * steps_per_epoch)
 
-    # ---- models, optimizers: D's optimizer owns D's body and head, G's owns G and Q's head (as infogan.py) ----
-    n_latent = args.n_noise + args.n_cat + args.n_cont
-    G = (ToyG(n_latent, args.act) if toy else Generator(n_latent)).to(device)
-    D = (ToyD(args.act) if toy else Discriminator(args.n_cat, args.n_cont)).to(device)
-    d_params = list(D.parameters()) if toy else [*D.body.parameters(), *D.d_head.parameters()]
-    g_params = list(G.parameters()) + ([] if toy else list(D.q_head.parameters()))
-    opt_d = torch.optim.Adam(d_params, lr=args.lr_d, betas=(args.beta1, 0.999))
-    opt_g = torch.optim.Adam(g_params, lr=args.lr_g, betas=(args.beta1, 0.999))
+    G, D, opt_d, opt_g = build(args, device)
     if toy:
         fixed = {"z": torch.randn(2500, args.n_noise, generator=fixed_gen), "modes": train_data.modes.cpu()}
     else:
