@@ -47,7 +47,7 @@ def parse_args(argv=None):
     # pixels (100-200 nats). On sprites (β = 4, 1,500 steps) λ = 1 left the information latents closer to the prior
     # than the rest (KL 1.33 vs 2.09 nats), the reverse of the report's Fig 15; λ = 20 gave 2.86 vs 1.96 (README).
     p.add_argument("--lambda-info", type=float, default=20.0, help="weight λ of the information term L_I (default: %(default)s)")
-    p.add_argument("--gamma", type=float, default=1.0, help="weight of the feature reconstruction in the decoder's loss (default: %(default)s)")
+    p.add_argument("--gamma", type=float, default=1.0, help="weight γ of the reconstruction (feature + pixel terms) in the decoder's loss (default: %(default)s)")
     p.add_argument("--feature-weight", type=float, default=1.0, help="weight of Larsen et al.'s feature-wise "
                    "reconstruction in D's body, Dis_l (default: %(default)s)")
     p.add_argument("--pixel-weight", type=float, default=1.0, help="weight of a pixel-wise Bernoulli reconstruction "
