@@ -39,10 +39,11 @@ def die(message):
 # Tensor datasets: the whole dataset on the device, batches by index
 # ------------------------------------------------------------------------------------------------
 class TensorData:
-    """Images stored as uint8 (N, C, H, W) on the device, with optional labels (N,) or factors (N, F)."""
+    """Images stored as uint8 (N, C, H, W) on the device, with optional labels (N,) or factors (N, F).
+    Batches are floats in [0, 1], or in [-1, 1] when signed (for a tanh generator)."""
 
-    def __init__(self, images, labels=None, name=""):
-        self.images, self.labels, self.name = images, labels, name
+    def __init__(self, images, labels=None, name="", signed=False):
+        self.images, self.labels, self.name, self.signed = images, labels, name, signed
 
     def __len__(self):
         return self.images.shape[0]
@@ -52,18 +53,22 @@ class TensorData:
         return tuple(self.images.shape[1:])
 
     def batch(self, idx):
-        """Float images in [0, 1] (B, C, H, W) and their labels (or None) for an index tensor."""
+        """Float images (B, C, H, W) in [0, 1] (or [-1, 1]) and their labels (or None) for an index tensor."""
         x = self.images[idx].float().div_(255)
+        x = x.mul_(2).sub_(1) if self.signed else x
         return x, (None if self.labels is None else self.labels[idx])
 
+    def steps_per_epoch(self, batch_size):
+        return len(self) // batch_size
+
     def epoch(self, batch_size, generator):
-        """One pass in random order; the last incomplete batch is dropped. Yields (x, y)."""
+        """One pass in random order (drawn on the CPU, copied once); the last incomplete batch is dropped."""
         perm = torch.randperm(len(self), generator=generator).to(self.images.device)
         for i in range(len(self) // batch_size):
             yield self.batch(perm[i * batch_size:(i + 1) * batch_size])
 
 
-def load_mnist(root, device, train=True):
+def load_mnist(root, device, train=True, signed=False):
     """MNIST through torchvision (download=True); one-line errors when it is missing or corrupt."""
     root = os.path.abspath(os.path.expanduser(root))
     split = "train" if train else "test"
@@ -83,7 +88,7 @@ def load_mnist(root, device, train=True):
             f"labels {tuple(ds.targets.shape)}; delete that folder and supply the original files")
     if int(ds.targets.min()) < 0 or int(ds.targets.max()) > 9:
         die(f"MNIST ({split}) in {root}/MNIST/raw is corrupt: labels outside 0-9")
-    return TensorData(ds.data.unsqueeze(1).to(device), ds.targets.long().to(device), "mnist")
+    return TensorData(ds.data.unsqueeze(1).to(device), ds.targets.long().to(device), "mnist", signed)
 
 
 def find_images(root):
@@ -99,7 +104,7 @@ def find_images(root):
         f"or Kaggle; unzip it under ROOT and pass --data-root ROOT (any folder of face images works)")
 
 
-def load_image_folder(root, device, size=64, limit=None):
+def load_image_folder(root, device, size=64, limit=None, signed=False):
     """Colour images of a folder, centre-cropped (at most 148 px, as usual for CelebA) and resized to size²."""
     files = find_images(root)[:limit]
     out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
@@ -112,7 +117,7 @@ def load_image_folder(root, device, size=64, limit=None):
         crop = min(img.shape[1], img.shape[2], 148)
         img = torchvision.transforms.functional.center_crop(img, [crop, crop])
         out[i] = torchvision.transforms.functional.resize(img, [size, size], antialias=True)
-    return TensorData(out.to(device), None, "celeba")
+    return TensorData(out.to(device), None, "celeba", signed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,8 +135,8 @@ class Sprites:
     SHAPES = ("square", "ellipse", "heart")
     SIZE = 64
 
-    def __init__(self, device):
-        self.device = torch.device(device)
+    def __init__(self, device, signed=False):
+        self.device, self.signed = torch.device(device), signed
         self.name = "sprites"
         self.labels = None
         c = (torch.arange(self.SIZE, dtype=torch.float32, device=self.device) + 0.5) / self.SIZE
@@ -168,23 +173,27 @@ class Sprites:
         a, b = 1.1 * u, 0.15 - 1.1 * v  # heart curve (a² + b² - 1)³ - a² b³ <= 0, point down the image
         heart = (a ** 2 + b ** 2 - 1) ** 3 - a ** 2 * b ** 3 <= 0
         s = f[:, 0][:, None, None]
-        img = torch.where(s == 0, square, torch.where(s == 1, ellipse, heart))
-        return img.float().unsqueeze(1)
+        img = torch.where(s == 0, square, torch.where(s == 1, ellipse, heart)).float().unsqueeze(1)
+        return img.mul_(2).sub_(1) if self.signed else img
 
     def batch(self, idx):
-        """Images (B, 1, 64, 64) in {0, 1} and their factor indices (B, 5)."""
-        f = self.factors(idx.to(self.device))
+        """Images (B, 1, 64, 64) in {0, 1} (or {-1, 1}) and their factor indices (B, 5), for indices on the device."""
+        f = self.factors(idx)
         return self.render(f), f
 
+    def steps_per_epoch(self, batch_size):
+        return len(self) // batch_size
+
     def epoch(self, batch_size, generator):
-        perm = torch.randperm(len(self), generator=generator)
+        """One pass over the combinations in random order (drawn on the CPU, copied to the device once)."""
+        perm = torch.randperm(len(self), generator=generator).to(self.device)
         for i in range(len(self) // batch_size):
             yield self.batch(perm[i * batch_size:(i + 1) * batch_size])
 
     def eval_set(self, n, seed=0):
         """A fixed evaluation set of n random combinations (the same for every run with this seed)."""
         g = torch.Generator().manual_seed(seed)
-        return self.batch(torch.randperm(len(self), generator=g)[:n])
+        return self.batch(torch.randperm(len(self), generator=g)[:n].to(self.device))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,9 +201,9 @@ class Sprites:
 # ------------------------------------------------------------------------------------------------
 class ToyData:
     """``ring``: 8 Gaussians at angles 2πk/8 on a circle of radius 2; ``grid``: 5x5 Gaussians at
-    {-4, -2, 0, 2, 4}²; std 0.02 each, equal weights. An 'epoch' is ``steps_per_epoch`` fresh batches."""
+    {-4, -2, 0, 2, 4}²; std 0.02 each, equal weights. An 'epoch' is ``steps`` fresh batches."""
 
-    def __init__(self, name, device, std=0.02, steps_per_epoch=500):
+    def __init__(self, name, device, std=0.02, steps=500):
         if name == "ring":
             angles = 2 * math.pi * torch.arange(8, dtype=torch.float32) / 8  # not linspace: 8 distinct
             modes = 2.0 * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
@@ -203,7 +212,7 @@ class ToyData:
             modes = torch.cartesian_prod(g, g)
         else:
             raise ValueError(name)
-        self.name, self.std, self.steps_per_epoch = name, std, steps_per_epoch
+        self.name, self.std, self.steps = name, std, steps
         self.modes = modes.to(device)
         self.labels = None
 
@@ -212,24 +221,29 @@ class ToyData:
         return (2,)
 
     def sample(self, n, generator):
-        """n points (n, 2) and the index of the mode each came from (n,)."""
+        """n points (n, 2) and the index of the mode each came from (n,), drawn on the CPU, copied once."""
         k = torch.randint(len(self.modes), (n,), generator=generator).to(self.modes.device)
         noise = torch.randn(n, 2, generator=generator).to(self.modes.device)
         return self.modes[k] + self.std * noise, k
 
+    def steps_per_epoch(self, batch_size):
+        return self.steps
+
     def epoch(self, batch_size, generator):
-        for _ in range(self.steps_per_epoch):
-            yield self.sample(batch_size, generator)
+        """An epoch's batches, all drawn at its start (one copy to the device, none per batch)."""
+        points, k = self.sample(self.steps * batch_size, generator)
+        for i in range(self.steps):
+            yield points[i * batch_size:(i + 1) * batch_size], k[i * batch_size:(i + 1) * batch_size]
 
 
-def load_data(name, root, device, train=True, image_size=64, limit=None):
-    """One entry point for every dataset a script accepts (see ``DATASETS``)."""
+def load_data(name, root, device, train=True, signed=False, image_size=64, limit=None):
+    """One entry point for every dataset a script accepts (see ``DATASETS``); signed: images in [-1, 1]."""
     if name == "mnist":
-        return load_mnist(root, device, train)
+        return load_mnist(root, device, train, signed)
     if name == "sprites":
-        return Sprites(device)
+        return Sprites(device, signed)
     if name == "celeba":
-        return load_image_folder(root, device, image_size, limit)
+        return load_image_folder(root, device, image_size, limit, signed)
     if name in ("ring", "grid"):
         return ToyData(name, device)
     die(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -304,6 +318,17 @@ def save_scatter_rows(rows, path, modes=None, lim=None, title=None):
     _save(fig, path)
 
 
+def save_scatter_history(folder, label, points, title, modes):
+    """Add points (N, 2) under label to folder/ring_samples.pt and draw the last 8 such snapshots as one row of
+    folder/fig03_scatter.png (Fig 3), the mixture's modes marked."""
+    path = os.path.join(folder, "ring_samples.pt")
+    snapshots = torch.load(path, weights_only=True) if os.path.exists(path) else {}
+    snapshots[label] = points.detach().cpu()
+    torch.save(snapshots, path)
+    save_scatter_rows({title: list(snapshots.items())[-8:]}, os.path.join(folder, "fig03_scatter.png"), modes=modes.cpu(),
+                      lim=1.4 * float(modes.abs().max()))
+
+
 def append_metrics(path, row):
     """Append one row (a dict) to a metrics CSV, writing the header when the file is new."""
     new = not os.path.exists(path)
@@ -314,6 +339,16 @@ def append_metrics(path, row):
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def truncate_metrics(path, step):
+    """Drop the rows of a metrics CSV written after `step` (by a run interrupted before its checkpoint)."""
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        keep = [rows[0]] + [r for r in rows[1:] if float(r[rows[0].index("step")]) <= step]
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
+
+
 def read_metrics(path):
     """Rows of a metrics CSV as dicts of floats (empty cells become nan)."""
     with open(path, newline="") as f:
@@ -321,15 +356,21 @@ def read_metrics(path):
 
 
 def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=False):
-    """Curves of metrics.csv columns. runs: a CSV path, or {label: csv_path} to overlay runs (Fig 12)."""
+    """Curves of metrics.csv columns. runs: a CSV path, or {label: csv_path} to overlay runs (Fig 12), or
+    {label: [csv_paths]} for the mean over runs (seeds) with a min-max band."""
     runs = {"": runs} if isinstance(runs, (str, os.PathLike)) else runs
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label, csv_path in runs.items():
-        rows = read_metrics(csv_path)
+    for label, csv_paths in runs.items():
+        tables = [read_metrics(p) for p in ([csv_paths] if isinstance(csv_paths, (str, os.PathLike)) else csv_paths)]
+        n = min(len(t) for t in tables)
         for col in columns:
-            if rows and col in rows[0]:
+            if n and col in tables[0][0]:
                 name = " ".join(s for s in (label, col if len(columns) > 1 or not label else "") if s)
-                ax.plot([r[x] for r in rows], [r[col] for r in rows], marker=".", label=name)
+                ys = torch.tensor([[t[i][col] for i in range(n)] for t in tables])  # (runs, rows)
+                xs = [tables[0][i][x] for i in range(n)]
+                line, = ax.plot(xs, ys.mean(0), marker=".", label=name)
+                if len(tables) > 1:
+                    ax.fill_between(xs, ys.min(0).values, ys.max(0).values, color=line.get_color(), alpha=0.2)
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel or (columns[0] if len(columns) == 1 else "value"))
     if logy:

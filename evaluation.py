@@ -1,0 +1,391 @@
+"""Measuring what the GAN scripts generate (infogan.py, unrolled_infogan.py), and comparing runs.
+
+The report judges disentanglement by eye and by L_I alone; a low L_I can come from a generator that draws no
+digits. So every epoch also measures, on latents fixed once (the same for every run, seed and K):
+* the categorical code as a classifier of the real test digits (Hungarian-matched accuracy);
+* mode coverage of 10,000 samples, named by a small CNN digit classifier that the project trains itself
+  (cached beside the data): digit classes covered and the KL of their histogram to uniform, as the Unrolled
+  GAN, VEEGAN and PacGAN evaluations count modes; the share of samples the classifier is confident about;
+* for each continuous code, how strongly it drives three properties of the drawn digit, measured from image
+  moments (slant, stroke thickness, width), how often it changes the digit, and one "one property, and only
+  one" number (purity);
+* on the ring/grid, the mode metrics of VEEGAN / PacGAN.
+One copy serves both scripts, so a number means the same thing in every run it is compared across.
+
+    python evaluation.py runs/SWEEP_s1 runs/SWEEP_s2 runs/SWEEP_s3 --out DIR   # one table over seeds
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+PROPERTIES = ("slant", "thickness", "width")
+EPOCHS = 3  # classifier training epochs (batch 128 digits + 32 non-digits, Adam lr 1e-3 decayed linearly to 0)
+N_COVERAGE = 10_000  # samples for mode coverage
+N_TRAVERSAL = 100  # base latents per code traversal
+VALUES = torch.linspace(-2, 2, 5)  # values a continuous code takes in a traversal
+EPS = 1e-6
+VERSION = 1  # of the classifier cache: raise it when the classifier or PROPERTIES change
+
+
+class Classifier(nn.Sequential):
+    """conv3x3 16-ReLU-maxpool → conv3x3 32-ReLU-maxpool → FC128-ReLU → FC10: (B, 1, 28, 28) in [-1, 1] → logits.
+    Weights ~ U(±1/sqrt(fan_in)) (PyTorch's default bound) from a generator seeded 0. Trained to give uniform
+    probabilities on non-digits too (outlier exposure), so that noise is not read confidently as a digit.
+    Buffer `stds` holds the standard deviations of PROPERTIES over the real test digits (set when trained)."""
+
+    def __init__(self):
+        with torch.device("meta"):  # built without drawing from the global RNG, then initialised below
+            super().__init__(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+        self.to_empty(device="cpu")
+        self.register_buffer("stds", torch.ones(len(PROPERTIES)))
+        self.accuracy = math.nan  # fraction of the real test digits classified right
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in self:
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    bound = 1 / math.sqrt(m.weight[0].numel())
+                    m.weight.uniform_(-bound, bound, generator=g)
+                    m.bias.uniform_(-bound, bound, generator=g)
+
+
+def not_digits(n, generator):
+    """n images (n, 1, 28, 28) in [-1, 1] that show no digit: uniform noise or checkerboards in blocks of 1, 2, 4
+    or 7 px (a quarter each), each scaled to a random ink level in [0, 1]."""
+    out = []
+    for k in (1, 2, 4, 7):
+        m, s = n // 4, 28 // k
+        ink = torch.rand(m, 1, s, s, generator=generator)
+        i = torch.arange(s)
+        board = ((i[:, None] + i + torch.randint(2, (m, 1, 1, 1), generator=generator)) % 2).float()
+        ink = torch.where(torch.rand(m, 1, 1, 1, generator=generator) < 0.5, ink, board)
+        out.append(F.interpolate(ink * torch.rand(m, 1, 1, 1, generator=generator), scale_factor=k))
+    return torch.cat(out) * 2 - 1
+
+
+def load_classifier(data_root, device, steps=None):
+    """The digit classifier in eval mode, from <data_root>/MNIST/digit_classifier.pt when that file was made
+    from the same training data (and VERSION); otherwise trained (EPOCHS epochs, or `steps` steps) and cached there."""
+    path = os.path.join(os.path.abspath(os.path.expanduser(data_root)), "MNIST", "digit_classifier.pt")
+    train = common.load_mnist(data_root, device, train=True, signed=True)
+    # fingerprint: number of training images and the integer sum of the first 1,000 images' uint8 pixels
+    fingerprint = (len(train), int(train.images[:1000].sum()))
+    model = Classifier()
+    try:
+        cache = torch.load(path, weights_only=True, map_location="cpu")
+        if (cache["version"], cache["n_train"], cache["pixel_sum"]) == (VERSION, *fingerprint):
+            model.load_state_dict(cache["state"])
+            model.accuracy = cache["accuracy"]
+            return model.to(device).eval()
+    except Exception:  # missing, unreadable or from another version: retrain
+        pass
+    start, model = time.time(), model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g, batch = torch.Generator().manual_seed(0), min(128, len(train))  # g: batch order
+    total, step = EPOCHS * train.steps_per_epoch(batch) if steps is None else steps, 0
+    while step < total:
+        for x, y in train.epoch(batch, g):
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * (1 - step / total)
+            logits = model(torch.cat([x, not_digits(32, g).to(x.device)]))
+            # cross-entropy on the digits + 0.5 x cross-entropy of the non-digits to uniform, each a batch mean
+            loss = F.cross_entropy(logits[:len(x)], y) - 0.5 * F.log_softmax(logits[len(x):], 1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == total:
+                break
+    model.eval()
+    test = common.load_mnist(data_root, device, train=False, signed=True)
+    with torch.no_grad():
+        chunks = [test.batch(i)[0] for i in torch.arange(len(test), device=test.images.device).split(1000)]
+        pred = torch.cat([model(x).argmax(1) for x in chunks])
+        model.stds.copy_(torch.cat([properties(x) for x in chunks]).std(0))  # per property, over the test digits
+    model.accuracy = (pred == test.labels).float().mean().item()
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    cache = {"state": state, "accuracy": model.accuracy, "version": VERSION, "n_train": fingerprint[0],
+             "pixel_sum": fingerprint[1]}
+    where = f"cached at {path}"
+    try:
+        torch.save(cache, path)
+    except Exception as e:
+        where = "not cached"
+        print(f"warning: cannot write {path} ({type(e).__name__}); the classifier will be retrained next time")
+    print(f"training the digit classifier ... test accuracy {100 * model.accuracy:.2f}% "
+          f"in {time.time() - start:.0f} s, {where}")
+    return model
+
+
+def properties(images):
+    """(B, 3) properties of the digits in images (B, 1, H, W) in [-1, 1], from the ink I = (x + 1) / 2 in [0, 1].
+    Moments use pixel coordinates, x to the right and y down; mu_pq = sum I dx^p dy^q / sum I (central, px^(p+q)).
+    slant = -mu11 / mu02: horizontal shift per pixel upwards, > 0 when the top leans right (dimensionless);
+    thickness = stroke thickness in px, from area A = sum I (px²) and perimeter P = sum sqrt(dx² + dy²) (px,
+      finite differences of I): a strip of length L and thickness t has A = L t, P = 2 (L + t), so
+      t = (P / 4)(1 - sqrt(1 - 16 A / P²)) (strokes under 2 px that straddle a pixel boundary read thicker);
+    width = sqrt(mu20 - mu11² / mu02): horizontal spread in px after removing the slant (a shear)."""
+    ink = (images[:, 0].float() + 1) / 2  # (B, H, W)
+    y = torch.arange(ink.shape[1], dtype=ink.dtype, device=ink.device)[:, None]
+    x = torch.arange(ink.shape[2], dtype=ink.dtype, device=ink.device)
+    area = ink.sum((1, 2))
+
+    def mean(f):  # ink-weighted mean over each image, (B, 1, 1)
+        return (ink * f).sum((1, 2), keepdim=True) / area.clamp_min(EPS)[:, None, None]
+
+    dx, dy = x - mean(x), y - mean(y)
+    mu20, mu02, mu11 = (mean(f).flatten() for f in (dx * dx, dy * dy, dx * dy))
+    slant = -mu11 / mu02.clamp_min(EPS)
+    width = (mu20 - mu11 ** 2 / mu02.clamp_min(EPS)).clamp_min(0).sqrt()
+    p = F.pad(ink, (1, 1, 1, 1))  # zero border, so every edge of the ink counts
+    gx, gy = p[:, :-1, 1:] - p[:, :-1, :-1], p[:, 1:] - p[:, :-1]  # (H+1, W+1) and (H+1, W+2) differences
+    # each horizontal difference paired with the vertical one at its left end and at its right end, averaged
+    # (one-sided pairs alone would give mirror-image strokes different perimeters)
+    perimeter = ((gx ** 2 + gy[:, :, :-1] ** 2).sqrt() + (gx ** 2 + gy[:, :, 1:] ** 2).sqrt()).sum((1, 2)) / 2
+    perimeter = perimeter.clamp_min(EPS)
+    thickness = perimeter / 4 * (1 - (1 - 16 * area / perimeter ** 2).clamp_min(0).sqrt())
+    return torch.stack([slant, thickness, width], 1)
+
+
+@torch.no_grad()
+def generate(G, latents, chunk=1000):
+    """G's images for latents (N, D), in chunks, with G in eval mode (its previous mode is restored)."""
+    was_training = G.training
+    G.eval()
+    try:
+        return torch.cat([G(z) for z in latents.split(chunk)])
+    finally:
+        G.train(was_training)
+
+
+def class_coverage(counts, n):
+    """(classes, kl) of a histogram counts (K,) of the confidently classified among n samples: classes = number of
+    classes holding at least 10% of their uniform share (count >= 0.1 n / K); kl = KL(p || uniform) = sum p log(K p)
+    in nats of p = counts / counts.sum() (0 balanced, log K one class, inf when no sample was confident)."""
+    counts = counts.double()
+    p = counts / counts.sum().clamp_min(1)
+    kl = (p * (p * len(p)).clamp_min(1e-300).log()).sum().item() if counts.sum() > 0 else math.inf  # 0 log 0 = 0
+    return int((counts >= 0.1 * n / len(counts)).sum()), kl
+
+
+def top_property(row, j):
+    """Name of the property that continuous code j (1-based) moves most in a metrics row."""
+    return max(PROPERTIES, key=lambda name: row[f"c{j}_{name}"])
+
+
+class Evaluator:
+    """Mode coverage and per-code property effects of a generator, on latents fixed at construction."""
+
+    def __init__(self, data_root, device, n_noise=62, n_cat=10, n_cont=2, classifier=None, stds=None):
+        self.device, self.n_cat, self.n_cont = torch.device(device), n_cat, n_cont
+        self.classifier = (load_classifier(data_root, device) if classifier is None else classifier)
+        self.classifier = self.classifier.to(self.device).eval()
+        self.stds = torch.as_tensor(self.classifier.stds if stds is None else stds).float().to(self.device)
+        g = torch.Generator().manual_seed(0)
+        # coverage set: z ~ N(0, I), c_cat uniform, c_cont ~ U(-1, 1)
+        z, c = torch.randn(N_COVERAGE, n_noise, generator=g), torch.randint(n_cat, (N_COVERAGE,), generator=g)
+        self.latents = self._latent(z, c, torch.rand(N_COVERAGE, n_cont, generator=g) * 2 - 1)
+        # traversal set: N_TRAVERSAL base latents (equally many per categorical value), each repeated for VALUES
+        k = len(VALUES)
+        z = torch.randn(N_TRAVERSAL, n_noise, generator=g).repeat_interleave(k, 0)
+        c = (torch.arange(N_TRAVERSAL) % n_cat).repeat_interleave(k)
+        cont = (torch.rand(N_TRAVERSAL, n_cont, generator=g) * 2 - 1).repeat_interleave(k, 0)
+        self.traversals = []  # per code j: (N_TRAVERSAL * k, D), code j set to VALUES (fastest), the rest kept
+        for j in range(n_cont):
+            cc = cont.clone()
+            cc[:, j] = VALUES.repeat(N_TRAVERSAL)
+            self.traversals.append(self._latent(z, c, cc))
+
+    def _latent(self, z, c_cat, c_cont):
+        return torch.cat([z, F.one_hot(c_cat, self.n_cat).float(), c_cont], 1).to(self.device)
+
+    @torch.no_grad()
+    def _probs(self, images):
+        return torch.cat([F.softmax(self.classifier(x), 1) for x in images.split(1000)])
+
+    def __call__(self, G):
+        """A metrics row (dict of floats) for generator G; see the module docstring and the comments."""
+        conf, pred = self._probs(generate(G, self.latents)).max(1)
+        # modes: the digits of the samples the classifier is sure of (max probability >= 0.9; noise is not)
+        classes, kl = class_coverage(torch.bincount(pred[conf >= 0.9], minlength=10), N_COVERAGE)
+        row = {"classes": float(classes), "kl_uniform": kl,
+               "confident_pct": 100 * (conf >= 0.9).float().mean().item()}  # % of samples with max prob >= 0.9
+        v = VALUES.to(self.device)
+        vc = v - v.mean()
+        for j, latents in enumerate(self.traversals, 1):
+            images = generate(G, latents)
+            props = properties(images).view(N_TRAVERSAL, len(v), len(PROPERTIES))
+            digit = self._probs(images).argmax(1).view(N_TRAVERSAL, len(v))
+            slope = (props * vc[:, None]).sum(1) / vc.pow(2).sum()  # (M, 3) least-squares slope per unit of code
+            # effect: |mean slope| x (v_max - v_min), in standard deviations of the real test digits
+            effect = slope.mean(0).abs() * (v[-1] - v[0]) / self.stds.clamp_min(EPS)
+            switch = (digit[:, 0] != digit[:, -1]).float().mean().item()  # fraction of traversals changing digit
+            row.update({f"c{j}_{name}": e for name, e in zip(PROPERTIES, effect.tolist())})
+            row[f"c{j}_switch"] = switch
+            # purity: share of the largest effect in the sum of the three, x fraction keeping the digit; 0 for a code
+            # that moves no property by a quarter of its spread over real digits (the share would be a ratio of noise)
+            share = (effect.max() / effect.sum().clamp_min(EPS)).item() if effect.max() >= 0.25 else 0.0
+            row[f"c{j}_purity"] = share * (1 - switch)
+        return row
+
+
+# ------------------------------------------------------------------------------------------------
+# Categorical accuracy (infogan.py, unrolled_infogan.py) and the ring/grid's mode metrics
+# ------------------------------------------------------------------------------------------------
+def hungarian_accuracy(pred, labels, n_cat, n_classes=10):
+    """Accuracy of categories `pred` against `labels` under the best one-to-one category→class map
+    (n_cat <= n_classes). Exact assignment by a DP over subsets of classes: best[mask] is the largest
+    number of hits when categories 0..popcount(mask)-1 take the classes in mask."""
+    counts = torch.bincount(pred.cpu() * n_classes + labels.cpu(), minlength=n_cat * n_classes)
+    counts = counts.view(n_cat, n_classes).tolist()
+    best = [-1] * (1 << n_classes)
+    best[0] = 0
+    for mask in range(1 << n_classes):
+        k = bin(mask).count("1")  # next category to place
+        if best[mask] < 0 or k == n_cat:
+            continue
+        for c in range(n_classes):
+            if not mask >> c & 1:
+                best[mask | 1 << c] = max(best[mask | 1 << c], best[mask] + counts[k][c])
+    return max(b for m, b in enumerate(best) if bin(m).count("1") == n_cat) / max(len(labels), 1)
+
+
+@torch.no_grad()
+def test_accuracy(D, test, n_cat, batch=1000):
+    """InfoGAN's categorical code as a classifier of the real test digits: argmax of Q's logits (D in eval
+    mode; D returns (logit, q)), categories matched to digits one-to-one (Hungarian)."""
+    D.eval()
+    pred = torch.cat([D(test.batch(idx)[0])[1][:, :n_cat].argmax(1)
+                      for idx in torch.arange(len(test), device=test.images.device).split(batch)])
+    D.train()
+    return hungarian_accuracy(pred, test.labels, n_cat)
+
+
+def mode_metrics(samples, modes, std, min_hq=10):
+    """Ring/grid metrics of VEEGAN / PacGAN (on 2,500 samples). A sample is high quality (HQ) when within 3σ
+    of its nearest mode. modes: modes with >= 1 HQ sample; modes10: with >= min_hq HQ samples (the one-sample
+    count is lenient); hq_pct: % of samples that are HQ; reverse_kl: KL(q || uniform) of q, the histogram of
+    HQ samples over the modes (0 = balanced, log M = one mode, inf = no HQ sample)."""
+    dist, nearest = torch.cdist(samples.float(), modes.float()).min(dim=1)
+    hq = dist <= 3 * std
+    counts = torch.bincount(nearest[hq], minlength=len(modes)).float().cpu()
+    q = counts / counts.sum().clamp_min(1)
+    kl = float((q * (q * len(modes)).log()).nan_to_num(0.0).sum()) if counts.sum() > 0 else math.inf
+    return {"modes": int((counts > 0).sum()), "modes10": int((counts >= min_hq).sum()),
+            "hq_pct": 100.0 * float(hq.float().mean()), "reverse_kl": kl}
+
+
+# ------------------------------------------------------------------------------------------------
+# Comparing runs: a K sweep, or the same sweep over several seeds
+# ------------------------------------------------------------------------------------------------
+REPORT = {0: (0.14, 0.02), 5: (0.076, 0.006), 7: (0.072, 0.0015), 10: (0.012, 0.0006)}  # the report's Q-loss table
+MNIST_COLUMNS = [("test_acc", "test acc", 100, "{:.1f}%"), ("classes", "classes", 1, "{:.1f}"), ("kl_uniform", "KL", 1, "{:.3f}"),
+                 ("confident_pct", "confident", 1, "{:.1f}%"), ("c1_purity", "c1 purity", 1, "{:.2f}"),
+                 ("c2_purity", "c2 purity", 1, "{:.2f}"), ("c1_switch", "c1 switch", 100, "{:.0f}%"),
+                 ("c2_switch", "c2 switch", 100, "{:.0f}%"), ("li_cont", "L_I cont", 1, "{:.4f}"), ("li_cat", "L_I disc", 1, "{:.4f}")]
+RING_COLUMNS = [("modes", "modes", 1, "{:.1f}"), ("modes10", "modes ≥10", 1, "{:.1f}"), ("hq_pct", "HQ", 1, "{:.1f}%"),
+                ("reverse_kl", "reverse KL", 1, "{:.3f}")]
+
+
+def run_folders(paths):
+    """The run folders (holding config.json and metrics.csv) among paths and their subfolders (sweeps)."""
+    found = []
+    for path in paths:
+        subs = sorted(os.path.join(path, d) for d in os.listdir(path)) if os.path.isdir(path) else []
+        for d in [path] + subs:
+            if os.path.exists(os.path.join(d, "config.json")) and os.path.exists(os.path.join(d, "metrics.csv")):
+                found.append(d)
+    return found
+
+
+def spearman(x, y):
+    """Spearman's rank correlation of two equal-length lists (ties get their mean rank)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for value in set(v):
+            idx = [i for i in order if v[i] == value]
+            mean = sum(order.index(i) for i in idx) / len(idx)
+            for i in idx:
+                r[i] = mean
+        return torch.tensor(r)
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-12))
+
+
+def compare(paths, out, command):
+    """comparison.md: one row per setting (K, exact or first-order), the mean ± s.d. over seeds of each metric's
+    value at the last epoch; for MNIST also each metric's Spearman correlation with K over the exact runs
+    (the report's claim is that disentanglement improves with K), fig12_q_loss.png and the code each K moves."""
+    runs = [(json.load(open(os.path.join(d, "config.json"))), common.read_metrics(os.path.join(d, "metrics.csv")), d)
+            for d in run_folders(paths)]
+    ring = runs[0][0]["dataset"] != "mnist"
+    groups = {}
+    for cfg, rows, d in runs:
+        groups.setdefault((cfg["k"], cfg["first_order"]), []).append((cfg, rows, d))
+    columns = RING_COLUMNS if ring else MNIST_COLUMNS
+    lines = [f"# {runs[0][0]['dataset']}: {len(runs)} runs, seeds {sorted({c['seed'] for c, _, _ in runs})}", "",
+             f"command: `{command}`", "", "values at the last epoch, mean ± s.d. over seeds; minutes: wall time of a run "
+             "(training, evaluation, figures); steps/s: training only", "",
+             "| K | unroll | runs | steps | minutes | steps/s | " + " | ".join(c[1] for c in columns)
+             + ("" if ring else " | report L_I cont | report L_I disc") + " |", "|---" * (6 + len(columns) + 2 * (not ring)) + "|"]
+    stat = lambda values, scale, fmt: (fmt.format(scale * sum(values) / len(values)) + (  # noqa: E731
+        f" ± {fmt.format(scale * float(torch.tensor(values).std())).rstrip('%')}" if len(values) > 1 else ""))
+    for (k, first_order), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        last = [rows[-1] for _, rows, _ in members]
+        cells = [str(k), "first-order" if first_order else "exact", str(len(members)), f"{last[0]['step']:.0f}",
+                 stat([r["seconds"] / 60 for r in last], 1, "{:.1f}"),
+                 stat([sum(x["steps_per_s"] for x in rows) / len(rows) for _, rows, _ in members], 1, "{:.2f}")]
+        cells += [stat([r[c] for r in last], scale, fmt) for c, _, scale, fmt in columns]
+        if not ring:
+            cells += [str(v) for v in REPORT.get(k, ("-", "-"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    exact = [(cfg["k"], rows[-1]) for cfg, rows, _ in runs if not cfg["first_order"]]
+    if not ring and len({k for k, _ in exact}) > 1:
+        lines += ["", "Spearman correlation with K over the exact runs (+1: the metric rises with K, -1: it falls):", "",
+                  "| " + " | ".join(c[1] for c in columns) + " |", "|---" * len(columns) + "|",
+                  "| " + " | ".join(f"{spearman([k for k, _ in exact], [r[c] for _, r in exact]):+.2f}" for c, *_ in columns) + " |"]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "comparison.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    label = lambda cfg: f"K={cfg['k']}{' first-order' * cfg['first_order']}"  # noqa: E731
+    if ring:
+        snaps = {label(cfg): list(torch.load(os.path.join(d, "ring_samples.pt"), weights_only=True).items())[-6:]
+                 for cfg, _, d in runs if os.path.exists(os.path.join(d, "ring_samples.pt"))}
+        modes = common.ToyData(runs[0][0]["dataset"], "cpu").modes
+        common.save_scatter_rows(snaps, os.path.join(out, "fig03_scatter.png"), modes=modes, lim=1.4 * float(modes.abs().max()),
+                                 title="Fig. 3: one row per run")
+    else:
+        curves = {}
+        for cfg, _, d in runs:
+            curves.setdefault(label(cfg), []).append(os.path.join(d, "metrics.csv"))
+        common.plot_metrics(curves, ["li_cont"], os.path.join(out, "fig12_q_loss.png"), ylabel="L_I continuous",
+                            title="Fig. 12: L_I continuous vs epoch (mean over seeds, band: min-max)")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Compare run folders of unrolled_infogan.py or infogan.py (a sweep "
+                                "folder stands for its runs): comparison.md and fig12_q_loss.png (Fig 3 on ring/grid).")
+    p.add_argument("runs", nargs="+", help="run or sweep folders")
+    p.add_argument("--out", default="comparison", help="folder for comparison.md and the figures (default: %(default)s)")
+    args = p.parse_args(argv)
+    if not run_folders(args.runs):
+        common.die(f"no run folders (with config.json and metrics.csv) in {' '.join(args.runs)}")
+    compare(args.runs, args.out, "python evaluation.py " + " ".join(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()
