@@ -1,340 +1,340 @@
-"""β-VAE (report §IV; the per-latent KL plot of Fig. 15, traversals of encoded real images as in Fig. 14).
+"""β-VAE: report §IV (the per-latent KL of Fig. 15; traversals of encoded real images, as in Fig. 14).
 
-Implements Higgins et al., "β-VAE: Learning basic visual concepts with a constrained variational framework"
-(ICLR 2017) and, with --capacity, Burgess et al., "Understanding disentangling in β-VAE" (2018), with the
-64x64 conv encoder/decoder of those papers (a smaller pair for 28x28 MNIST). On sprites (dSprites' factor
-layout, common.Sprites) it measures MIG (Chen et al. 2018, as in disentanglement_lib); β = 1 is the plain VAE.
+Higgins et al. 2017, "β-VAE: Learning basic visual concepts with a constrained variational framework" (ICLR),
+with the 64x64 conv nets of Burgess et al. 2018, "Understanding disentangling in β-VAE" (arXiv:1804.03599), and
+smaller ones for 28x28 MNIST; β = 1 is the plain VAE. Each epoch, on fixed images: each latent's KL and, on sprites
+(dSprites' factor layout), MIG (Chen et al. 2018, as in disentanglement_lib).
 
-Reproduce (CPU, ~20 min each):  python beta_vae.py --dataset sprites --beta 4 --steps 3000   (--beta 1: plain VAE)
+    python beta_vae.py --device cpu --beta 4 --steps 4500   # the README's runs (and --beta 1): metrics at the end
+    python beta_vae.py --device cpu --beta 4 --epochs 9 --epoch-steps 500   # metrics every 500 steps (each a new order)
 """
 import argparse
+import itertools
 import json
+import math
 import os
 import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import common
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
-    p.add_argument("--data-root", default="./data", help="folder holding MNIST/ or img_align_celeba/ (default: %(default)s)")
-    p.add_argument("--dataset", default="sprites", choices=("sprites", "mnist", "celeba"),
-                   help="training data (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=20, help="passes over the data (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="optional cap on total training steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
-    p.add_argument("--out", default="runs", help="parent folder of the run folder (default: %(default)s)")
-    p.add_argument("--resume", default=None, help="checkpoint.pt or run folder to continue (default: %(default)s)")
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines (default: %(default)s)")
-    p.add_argument("--beta", type=float, default=4.0, help="weight β of the KL term; 1 = plain VAE (default: %(default)s)")
-    p.add_argument("--capacity", type=float, default=None,
-                   help="Burgess et al. capacity C_max in nats; replaces β·KL by γ|KL - C| (default: %(default)s = off)")
-    p.add_argument("--gamma", type=float, default=1000.0, help="γ of the capacity variant (default: %(default)s)")
-    p.add_argument("--capacity-steps", type=int, default=100000,
-                   help="steps over which C grows linearly from 0 to C_max (default: %(default)s)")
-    p.add_argument("--latents", type=int, default=10, help="number of latent dimensions (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (default: %(default)s, Burgess et al.)")
-    p.add_argument("--eval-every", type=int, default=1000,
-                   help="steps between metrics rows (MIG, per-latent KL) and checkpoints, besides epoch ends "
-                        "(default: %(default)s; 0 = epoch ends only)")
-    p.add_argument("--mig-samples", type=int, default=10000,
-                   help="size of the fixed sprites evaluation set for MIG, in images (default: %(default)s)")
-    args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "log_every", "latents", "capacity_steps"):
-        if getattr(args, name) < 1:
-            common.die(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    if args.steps is not None and args.steps < 1:
-        common.die(f"--steps must be >= 1 (got {args.steps})")
-    if args.mig_samples < 8:
-        common.die(f"--mig-samples must be >= 8 (the figures use 8 of them; got {args.mig_samples})")
-    if args.eval_every < 0:
-        common.die(f"--eval-every must be >= 0 (got {args.eval_every})")
-    for name in ("beta", "gamma", "lr"):
-        if not getattr(args, name) > 0:  # also catches nan
-            common.die(f"--{name} must be > 0 (got {getattr(args, name)})")
-    if args.capacity is not None and not args.capacity >= 0:
-        common.die(f"--capacity must be >= 0 nats (got {args.capacity})")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        common.die("--device cuda but no CUDA GPU is available here; use --device cpu")
-    return args
+SCRIPT = "beta_vae.py"
+LOSSES = ("loss", "recon", "kl")  # what train_step returns, in this order
+DEFAULTS = {"sprites": dict(
+    epochs=26,  # 26 passes of 11,520 steps: about disentanglement_lib's 300,000 β-VAE steps on dSprites
+    epoch_steps=0,  # an epoch is one pass over the 737,280 factor combinations
+    batch_size=64, lr=5e-4,  # Burgess et al.'s batch size and Adam learning rate
+    beta=4.0, latents=10,  # Higgins et al.'s for dSprites
+    mig_samples=10000)}  # MIG on 10,000 fixed images, as disentanglement_lib measures it
+DEFAULTS.update({d: {**DEFAULTS["sprites"], "epochs": 20} for d in ("mnist", "celeba")})  # 20 passes: no paper run to follow
 
 
-# ------------------------------------------------------------------------------------------------
-# Models: q(z|x) = N(μ(x), diag σ²(x)); p(x|z) Bernoulli (logits) or Gaussian (mean = sigmoid(logits))
-# ------------------------------------------------------------------------------------------------
-class Encoder(nn.Module):
-    """64x64: 4 conv 4x4 stride 2 (32, 32, 64, 64), FC 256, FC 2·latents (Higgins/Burgess et al.).
-    28x28: 2 conv 4x4 stride 2 (32, 64), FC 256, FC 2·latents."""
-
-    def __init__(self, channels, size, latents):
-        super().__init__()
-        widths = (32, 32, 64, 64) if size == 64 else (32, 64)
-        layers, c = [], channels
-        for w in widths:
-            layers += [nn.Conv2d(c, w, 4, 2, 1), nn.ReLU()]
-            c = w
-        s = size // 2 ** len(widths)  # 4 for 64x64, 7 for 28x28
-        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * s * s, 256), nn.ReLU(), nn.Linear(256, 2 * latents))
-
-    def forward(self, x):  # (B, C, H, W) -> μ (B, L), log σ² (B, L)
-        mu, logvar = self.net(x).chunk(2, dim=1)
-        return mu, logvar
+def add_flags(p):
+    p.add_argument("--beta", type=float, help="weight β of the KL term; 1 = the plain VAE (default: %(default)s)")
+    p.add_argument("--latents", type=int, help="latent dimensions (default: %(default)s)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--mig-samples", type=int, help="fixed sprites for MIG, the first 2,000 also for the KL (default: %(default)s images)")
 
 
-class Decoder(nn.Module):
-    """The encoder mirrored: FC 256, FC to the conv shape, transposed convs 4x4 stride 2; returns logits."""
-
-    def __init__(self, channels, size, latents):
-        super().__init__()
-        widths = (64, 64, 32, 32) if size == 64 else (64, 32)
-        self.s, self.c = size // 2 ** len(widths), widths[0]
-        self.fc = nn.Sequential(nn.Linear(latents, 256), nn.ReLU(), nn.Linear(256, self.c * self.s * self.s), nn.ReLU())
-        layers = []
-        for w_in, w_out in zip(widths, widths[1:] + (channels,)):
-            layers += [nn.ConvTranspose2d(w_in, w_out, 4, 2, 1), nn.ReLU()]
-        self.net = nn.Sequential(*layers[:-1])  # no ReLU on the logits
-
-    def forward(self, z):  # (B, L) -> logits (B, C, H, W)
-        return self.net(self.fc(z).view(-1, self.c, self.s, self.s))
+def check_flags(a):
+    need(a.beta > 0 and a.lr > 0, f"--beta and --lr must be > 0 (got {a.beta}, {a.lr})")
+    need(1 <= a.latents <= 1000 and 8 <= a.mig_samples <= 100000,
+         f"--latents must be in 1-1000 and --mig-samples in 8-100000 (got {a.latents}, {a.mig_samples})")
 
 
-# ------------------------------------------------------------------------------------------------
-# Losses and metrics
-# ------------------------------------------------------------------------------------------------
+# ---- Models (Burgess et al.): q(z|x) = N(μ(x), diag σ²(x)); p(x|z) Bernoulli or Gaussian, from logits ---------------
+def burgess_encoder(channels, size, latents):
+    """64x64: conv 32, 32, 64, 64 (4x4, stride 2, ReLU), FC 256, FC [μ, log σ²]; 28x28: conv 32, 64, FC 256, FC [μ, log σ²]."""
+    w, s = ((channels, 32, 32, 64, 64), 4) if size == 64 else ((channels, 32, 64), 7)  # s: the last conv's size
+    return nn.Sequential(*[m for a, b in zip(w, w[1:]) for m in (nn.Conv2d(a, b, 4, 2, 1), nn.ReLU())],
+                         nn.Flatten(), nn.Linear(w[-1] * s * s, 256), nn.ReLU(), nn.Linear(256, 2 * latents))
+
+
+def burgess_decoder(channels, size, latents):
+    """The encoder mirrored: FC 256, FC 64·s·s, transposed convs 4x4 stride 2 with ReLUs between; (B, L) -> logits."""
+    w, s = ((64, 64, 32, 32, channels), 4) if size == 64 else ((64, 32, channels), 7)
+    return nn.Sequential(nn.Linear(latents, 256), nn.ReLU(), nn.Linear(256, 64 * s * s), nn.ReLU(), nn.Unflatten(1, (64, s, s)),
+                         *[m for a, b in zip(w, w[1:]) for m in (nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ReLU())][:-1])
+
+
+# ---- Losses and metrics ---------------------------------------------------------------------------------------------
+def reconstruction_loss(logits, x, likelihood):
+    """−log p(x|z): bernoulli (binary sprites, grey MNIST) or gaussian with σ² = ½, constant dropped (colour CelebA)."""
+    if likelihood == "bernoulli":  # Σ_pixels BCE(x, sigmoid(logits)), / B
+        return nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+    return nn.functional.mse_loss(torch.sigmoid(logits), x, reduction="sum") / x.shape[0]  # Σ_pixels (sigmoid(logits) − x)², / B
+
+
 def kl_per_latent(mu, logvar):
-    """KL(q(z_j|x) ‖ N(0, 1)) for each latent, averaged over the batch: (L,)."""
-    # closed form for Gaussians: KL(N(μ, σ²) ‖ N(0, 1)) = ½ (μ² + σ² − log σ² − 1)
+    """KL(q(z_j|x) ‖ N(0, 1)) of each latent j, mean over the batch: (L,)."""
+    # closed form for Gaussians: KL(N(μ, σ²) ‖ N(0, 1)) = ½ (μ² + σ² − log σ² − 1), mean over the batch
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).mean(0)
 
 
-def reconstruction_loss(logits, x, likelihood):
-    """−log p(x|z) summed over pixels (and channels), averaged over the batch.
-    bernoulli: BCE-with-logits (binary sprites, grey MNIST). gaussian: squared error of sigmoid(logits), i.e.
-    −log N(x; mean, σ² = ½) with the constant dropped (colour CelebA)."""
-    if likelihood == "bernoulli":
-        return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
-    return F.mse_loss(torch.sigmoid(logits), x, reduction="sum") / x.shape[0]
-
-
 def mig(codes, factors, sizes, bins=20):
-    """Mutual Information Gap (Chen et al. 2018) as in disentanglement_lib: each code dimension (N, L)
-    discretised into `bins` equal-width bins over its range; discrete MI (nats) with each factor (N, K)
-    from the joint histogram; for each factor, (largest MI − second largest MI) / H(factor); mean over factors."""
-    n, num_latents = codes.shape
+    """Mutual Information Gap (Chen et al. 2018) as in disentanglement_lib: each code (N, L) cut into `bins` equal bins
+    over its range; per factor (N, K), (largest − second largest MI with a code) / H(factor); mean over the factors."""
     lo, hi = codes.min(0).values, codes.max(0).values
     binned = ((codes - lo) / (hi - lo).clamp_min(1e-12) * bins).long().clamp(0, bins - 1)  # (N, L)
+    plogq = lambda p, q: torch.where(p > 0, p * (p / q).log(), torch.zeros_like(p))  # noqa: E731  p log(p/q), 0 at p = 0
     gaps = []
     for k, size in enumerate(sizes):
-        f = factors[:, k].long()
-        p_f = torch.bincount(f, minlength=size).double() / n
-        h_f = -(p_f[p_f > 0] * p_f[p_f > 0].log()).sum()
-        if h_f <= 0:
-            continue  # a constant factor carries no information (disentanglement_lib drops it too)
-        mi = torch.empty(num_latents, dtype=torch.float64)
-        for j in range(num_latents):
-            joint = torch.bincount(binned[:, j] * size + f, minlength=bins * size).double().view(bins, size) / n
-            outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
-            nz = joint > 0
-            mi[j] = (joint[nz] * (joint[nz] / outer[nz]).log()).sum()
-        top = mi.sort(descending=True).values
-        gaps.append((top[0] - (top[1] if num_latents > 1 else 0.0)) / h_f)
+        f = factors[:, k].long()  # p(b, f): each code's bins b against the factor's values f, (L, bins, size)
+        joint = torch.stack([torch.bincount(b * size + f, minlength=bins * size) for b in binned.T]).view(-1, bins, size).double() / len(f)
+        p_b, p_f = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
+        h_f = -plogq(p_f[0], 1).sum()  # H(f) = −Σ_f p(f) log p(f), nats
+        mi = plogq(joint, p_b * p_f).sum((1, 2)).sort(descending=True).values  # I(b; f) = Σ p(b, f) log p(b, f) / p(b) p(f)
+        if h_f > 0:  # a constant factor carries no information (disentanglement_lib drops it too)
+            gaps.append((mi[0] - (mi[1] if len(mi) > 1 else 0)) / h_f)
     return float(torch.stack(gaps).mean())
 
 
-@torch.no_grad()
-def encode_means(enc, images, chunk=1000):
-    """Posterior means μ(x) of images (N, C, H, W) (any dtype, values in {0, 1} or [0, 1]), in chunks."""
-    was = enc.training
-    enc.eval()
-    mus = [enc(images[i:i + chunk].float())[0] for i in range(0, len(images), chunk)]
-    enc.train(was)
-    return torch.cat(mus).cpu()
-
-
-# ------------------------------------------------------------------------------------------------
-# Training step
-# ------------------------------------------------------------------------------------------------
-def train_step(enc, dec, opt, x, beta, likelihood, capacity=None, gamma=1.0):
-    """One Adam step on a batch x (B, C, H, W) in [0, 1]. Returns detached (loss, recon, kl, kl per latent)."""
-    # ---- encoder / decoder step (one loss, both networks) ----
-    mu, logvar = enc(x)
-    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation: z = μ + σ ε, ε ~ N(0, I)
-    recon = reconstruction_loss(dec(z), x, likelihood)
-    kl_z = kl_per_latent(mu, logvar)
-    kl = kl_z.sum()  # summed over latents, mean over the batch
-    if capacity is None:
-        # β-VAE objective (Higgins et al.; §IV of the report numbers no equation), negated, batch-averaged:
-        # L = E_q[log p(x|z)] − β KL(q(z|x) ‖ p(z))
-        loss = recon + beta * kl
-    else:
-        # capacity variant (Burgess et al.): L = E_q[log p(x|z)] − γ |KL(q(z|x) ‖ p(z)) − C|, C growing linearly
-        loss = recon + gamma * (kl - capacity).abs()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.detach(), recon.detach(), kl.detach(), kl_z.detach()
-
-
-# ------------------------------------------------------------------------------------------------
-# Figures
-# ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def save_figures(enc, dec, fixed_x, fixed_z, kl_z, run, step):
-    enc.eval(), dec.eval()
-    mu, _ = enc(fixed_x)  # (8, L)
-    rec = torch.sigmoid(dec(mu))
-    common.save_grid(torch.cat([fixed_x, rec]), os.path.join(run, "reconstructions.png"), nrow=len(fixed_x),
-                     row_labels=["real", "recon"], title=f"β-VAE reconstructions (posterior mean), step {step}")
-    common.save_grid(torch.sigmoid(dec(fixed_z)), os.path.join(run, "samples.png"), nrow=8,
-                     title=f"β-VAE samples from the prior N(0, I), step {step}")
-    order = kl_z.argsort(descending=True).tolist()  # latents by KL, most informative first
-    values = torch.linspace(-3, 3, 9)
-    for i, name in enumerate(("fig14_traversals.png", "fig14_traversals_b.png")):
-        base = mu[i].repeat(len(order), len(values), 1)  # (L rows, 9 cols, L)
-        for r, j in enumerate(order):
-            base[r, :, j] += values.to(base.device)  # ±3 around the posterior mean of latent j
-        imgs = torch.sigmoid(dec(base.flatten(0, 1))).view(len(order), len(values), *fixed_x.shape[1:])
-        common.save_traversal(imgs, os.path.join(run, name), values,
-                              row_labels=[f"z{j} KL {float(kl_z[j]):.2f}" for j in order],
-                              title=f"traversals of encoded real image {i} (rows by KL), step {step}",
-                              xlabel="offset from posterior mean μ_j")
-    enc.train(), dec.train()
-
-
-# ------------------------------------------------------------------------------------------------
-def main(argv=None):
-    args = parse_args(argv)
-    # ---- seeding ----
-    torch.manual_seed(args.seed)
-    data_gen = torch.Generator().manual_seed(args.seed)  # data order
-    device = torch.device(args.device)
-
-    # ---- data ----
-    data = common.load_data(args.dataset, args.data_root, device)
-    channels, size = data.shape[0], data.shape[1]
-    likelihood = "gaussian" if channels == 3 else "bernoulli"
-    steps_per_epoch = len(data) // args.batch_size
-    if steps_per_epoch < 1:
-        common.die(f"--batch-size {args.batch_size} is larger than the dataset ({len(data)} images)")
-    total = args.epochs * steps_per_epoch if args.steps is None else min(args.steps, args.epochs * steps_per_epoch)
+def fixed_images(data, args):
+    """Fixed images as the encoder takes them, and factors: sprites' eval_set (binary: int8), else 1,000 training images."""
     if args.dataset == "sprites":
-        eval_x, eval_f = data.eval_set(args.mig_samples, seed=0)
-        eval_x = eval_x.to(torch.uint8)  # binary images: store compactly
-        fixed_x = eval_x[:8].float()
-    else:
-        eval_x = eval_f = None
-        fixed_x = data.batch(torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:8].to(device))[0]
+        x, factors = data.eval_set(args.mig_samples, seed=0)
+        return x.to(torch.int8), factors.cpu()
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:1000]
+    return data.batch(idx.to(data.images.device))[0], None
 
-    # ---- models, optimizer, fixed noise ----
-    enc, dec = Encoder(channels, size, args.latents).to(device), Decoder(channels, size, args.latents).to(device)
-    opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=args.lr)
-    fixed = {"z": torch.randn(64, args.latents, generator=torch.Generator().manual_seed(args.seed)).to(device)}
-    step = epoch = 0
 
-    # ---- run folder / resume ----
-    if args.resume:
-        path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
-        try:
-            ckpt = torch.load(path, map_location=device, weights_only=False)
-        except Exception as e:
-            common.die(f"{path} is not a checkpoint ({type(e).__name__})")
-        if not isinstance(ckpt, dict) or ckpt.get("script") != "beta_vae.py":
-            common.die(f"{path} is a checkpoint of {ckpt.get('script') if isinstance(ckpt, dict) else '?'}, not of beta_vae.py")
-        for flag in ("dataset", "latents"):
-            if ckpt["args"][flag] != getattr(args, flag):
-                common.die(f"{path} was trained with --{flag} {ckpt['args'][flag]}, not {getattr(args, flag)}")
-        try:
-            enc.load_state_dict(ckpt["models"]["enc"]), dec.load_state_dict(ckpt["models"]["dec"])
-        except RuntimeError as e:
-            common.die(f"{path} does not fit this model ({str(e).splitlines()[0]})")
-        opt.load_state_dict(ckpt["optims"]["opt"])
-        step, epoch, fixed = ckpt["step"], ckpt["epoch"], ckpt["fixed"]
-        torch.set_rng_state(ckpt["rng"]), data_gen.set_state(ckpt["data_rng"])
-        run = os.path.dirname(os.path.abspath(path))
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run = os.path.join(args.out, f"beta_vae__{args.dataset}__s{args.seed}__{stamp}")
-        os.makedirs(run, exist_ok=True)
-        with open(os.path.join(run, "config.json"), "w") as f:
-            json.dump({**vars(args), "torch": torch.__version__, "likelihood": likelihood,
-                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, f, indent=1)
-    print(f"run folder: {run}", flush=True)
-    metrics_csv = os.path.join(run, "metrics.csv")
+@torch.no_grad()
+def encode_posterior(enc, images, chunk=1000):
+    """μ(x), log σ²(x) (N, L) on the CPU, in chunks, the encoder in eval mode (BatchNorm's running statistics)."""
+    was, _ = enc.training, enc.eval()
+    out = torch.cat([enc(images[i:i + chunk].float()) for i in range(0, len(images), chunk)]).cpu()
+    enc.train(was)
+    return out.chunk(2, dim=1)
 
-    def record(seconds, n_steps, sums):
-        """Metrics row (means since the last row), figures and checkpoint."""
-        s = (sums / max(n_steps, 1)).tolist()  # host sync, only here
-        row = {"epoch": epoch, "step": step, "seconds": round(seconds, 2), "steps_per_s": n_steps / max(seconds, 1e-9),
-               "recon": s[1], "kl": s[2], **{f"kl_z{j}": s[3 + j] for j in range(args.latents)}}
-        row["mig"] = mig(encode_means(enc, eval_x), eval_f.cpu(), data.SIZES) if eval_x is not None else float("nan")
-        common.append_metrics(metrics_csv, row)
-        save_figures(enc, dec, fixed_x, fixed["z"], sums[3:] / max(n_steps, 1), run, step)
-        common.plot_metrics(metrics_csv, [f"kl_z{j}" for j in range(args.latents)],
-                            os.path.join(run, "fig15_kl_per_latent.png"), x="step",
-                            title=f"mean KL per latent (β = {args.beta})", ylabel="KL (nats)")
-        common.plot_metrics(metrics_csv, ["recon", "kl"], os.path.join(run, "losses.png"), x="step", logy=True)
-        ckpt = {"script": "beta_vae.py", "args": vars(args), "models": {"enc": enc.state_dict(), "dec": dec.state_dict()},
-                "optims": {"opt": opt.state_dict()}, "step": step, "epoch": epoch, "fixed": fixed,
-                "rng": torch.get_rng_state(), "data_rng": data_gen.get_state()}
-        torch.save(ckpt, os.path.join(run, "checkpoint.pt.tmp"))
-        os.replace(os.path.join(run, "checkpoint.pt.tmp"), os.path.join(run, "checkpoint.pt"))
-        return row
 
-    # ---- training loop ----
-    names = ("loss", "recon", "kl")
-    hist = torch.zeros(args.log_every, 3, device=device)
-    sums = torch.zeros(3 + args.latents, device=device)  # loss, recon, kl, kl_z* summed since the last metrics row
-    t_start = t_row = t_log = time.time()
-    n_row, step0, step_log, row = 0, step, step, None
-    while step < total:
-        # a resumed run starts a fresh pass over the data, shortened to the rest of its epoch
-        left_in_epoch = steps_per_epoch - (step - epoch * steps_per_epoch)
-        for i, (x, _) in enumerate(data.epoch(args.batch_size, data_gen)):
-            if i >= left_in_epoch or step >= total:
-                break
-            c = None if args.capacity is None else args.capacity * min(1.0, step / args.capacity_steps)
-            loss, recon, kl, kl_z = train_step(enc, dec, opt, x, args.beta, likelihood, c, args.gamma)
-            hist[step % args.log_every] = torch.stack([loss, recon, kl])
-            sums += torch.cat([torch.stack([loss, recon, kl]), kl_z])
-            step, n_row = step + 1, n_row + 1
-            end_of_epoch = i + 1 == left_in_epoch
-            if step % args.log_every == 0 or end_of_epoch or step == total:
-                h = hist[:min(step - step0, args.log_every)]
-                bad = ~torch.isfinite(h)
-                if bad.any():
-                    s_bad, k_bad = bad.nonzero()[0].tolist()  # ring slot -> the latest step that wrote it
-                    common.die(f"{names[k_bad]} became {float(h[s_bad, k_bad])} at step "
-                               f"{step - (step - 1 - s_bad) % args.log_every}; lower the learning rate or check the data")
-                now = time.time()
-                rate = (step - step_log) / max(now - t_log, 1e-9)  # this log interval only
-                m = h.mean(0).tolist()
-                eta = (total - step) / max(rate, 1e-9)
-                print(f"epoch {epoch + 1}/{args.epochs}  step {step}/{total}  loss {m[0]:.2f}  recon {m[1]:.2f}  "
-                      f"kl {m[2]:.3f}  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-                t_log, step_log = now, step
-            if end_of_epoch:
-                epoch += 1
-            if end_of_epoch or step == total or (args.eval_every and step % args.eval_every == 0):
-                t_rec = time.time()
-                row = record(t_rec - t_row, n_row, sums)
-                t_log += time.time() - t_rec  # evaluation time does not count in steps/s
-                print(f"  metrics at step {step}: recon {row['recon']:.2f}  kl {row['kl']:.3f}  mig {row['mig']:.4f}", flush=True)
-                sums.zero_()
-                n_row, t_row = 0, time.time()
-    if row is None:  # a resumed run with nothing left to train: redraw the figures, add no metrics row
-        row = common.read_metrics(metrics_csv)[-1]
-        save_figures(enc, dec, fixed_x, fixed["z"], torch.tensor([row[f"kl_z{j}"] for j in range(args.latents)]), run, step)
-    wall = time.time() - t_start
-    mem = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB" if device.type == "cuda" else ""
-    print(f"done: {step - step0} steps in {wall:.1f} s ({(step - step0) / max(wall, 1e-9):.1f} steps/s){mem}, "
-          f"final mig {row['mig']:.4f}, run folder {run}", flush=True)
+def recon_quality(x, rec):
+    """Pixel MSE of reconstructions rec against images x (both in [0, 1]) and the % of grey reconstructed pixels."""
+    # MSE: mean over images, channels, pixels of (rec − x)²; grey: 100 · share of 0.1 < rec < 0.9 (blur, in binary images)
+    return float((rec - x).pow(2).mean()), 100 * float(((rec > 0.1) & (rec < 0.9)).float().mean())
+
+
+# ---- ALGO LOGIC: one training step ----------------------------------------------------------------------------------
+def train_step(nets, opts, x, args):
+    """One Adam step on a batch x (B, C, H, W) in [0, 1]. Returns detached (loss, recon, kl)."""
+    # ---- encoder and decoder step: one loss, one optimizer over both ----
+    mu, logvar = nets["enc"](x).chunk(2, dim=1)
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation: z = μ + σ ε, ε ~ N(0, I)
+    recon = reconstruction_loss(nets["dec"](z), x, "gaussian" if x.shape[1] == 3 else "bernoulli")
+    kl = kl_per_latent(mu, logvar).sum()  # KL(q(z|x) ‖ N(0, I)): summed over the latents, mean over the batch
+    # the β-VAE objective (Higgins et al.), negated and batch-averaged: loss = −E_q[log p(x|z)] + β KL(q(z|x) ‖ p(z))
+    loss = recon + args.beta * kl
+    opts["opt"].zero_grad(set_to_none=True)
+    loss.backward()
+    opts["opt"].step()
+    return torch.stack([loss, recon, kl]).detach()
+
+
+# ---- Setup, evaluation, figures -------------------------------------------------------------------------------------
+def build(args, shape):
+    """Encoder, decoder and one Adam over both."""
+    enc, dec = (f(shape[0], shape[1], args.latents).to(args.device) for f in (burgess_encoder, burgess_decoder))
+    return {"enc": enc, "dec": dec}, {"opt": torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=args.lr)}
+
+
+def setup(args):
+    """Images in [0, 1] (the decoder's sigmoid), the fixed evaluation images and the figures' 64 prior samples."""
+    data = common.load_data(args.dataset, args.data_root, torch.device(args.device))
+    z = torch.randn(64, args.latents, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    return data, dict(zip(("x", "factors"), fixed_images(data, args)), sizes=getattr(data, "SIZES", None), z=z)
+
+
+def evaluate(nets, ctx, args):
+    """KL of each latent on the fixed images (sprites: the first 2,000) and, on sprites, MIG on all of them."""
+    mu, logvar = encode_posterior(nets["enc"], ctx["x"])
+    row = {f"kl_z{j}": v for j, v in enumerate(kl_per_latent(mu[:2000], logvar[:2000]).tolist())}
+    return {**row, "mig": mig(mu, ctx["factors"], ctx["sizes"]) if ctx["factors"] is not None else math.nan}
+
+
+@torch.no_grad()
+def save_figures(nets, ctx, run, args):
+    """reconstructions.png, samples.png, fig14_traversals.png (image 0, latents by KL), fig15_kl_per_latent.png, losses.png."""
+    enc, dec, path = nets["enc"], nets["dec"], lambda name: os.path.join(run.dir, name)  # noqa: E731
+    enc.eval(), dec.eval()
+    x = ctx["x"][:8].float()
+    mu = enc(x).chunk(2, dim=1)[0]
+    rec = torch.sigmoid(dec(mu))
+    mse, grey = recon_quality(x, rec)
+    common.save_grid(torch.cat([x, rec]), path("reconstructions.png"), nrow=8, row_labels=["real", "β-VAE"],
+                     title=f"β-VAE reconstructions (posterior mean), step {run.step}\npixel MSE {mse:.4f}, grey pixels {grey:.1f}%")
+    common.save_grid(torch.sigmoid(dec(ctx["z"])), path("samples.png"), nrow=8, title=f"β-VAE prior samples, step {run.step}")
+    order, values = sorted(range(args.latents), key=lambda j: -run.row[f"kl_z{j}"])[:10], torch.linspace(-3, 3, 9)
+    z = mu[0] + torch.eye(args.latents, device=mu.device)[order, None] * values.to(mu.device)[:, None]  # row r moves z_order[r]
+    common.save_traversal(torch.sigmoid(dec(z.flatten(0, 1))).view(len(order), 9, *x.shape[1:]), path("fig14_traversals.png"),
+                          values, row_labels=[f"z{j} KL {run.row[f'kl_z{j}']:.2f}" for j in order], xlabel="offset from μ_j",
+                          title=f"β-VAE: ±3 around μ(fixed image 0), rows by KL, step {run.step}")
+    enc.train(), dec.train()
+    common.plot_metrics(path("metrics.csv"), [f"kl_z{j}" for j in order], path("fig15_kl_per_latent.png"), x="step", ylabel="KL (nats)")
+    common.plot_metrics(path("metrics.csv"), list(LOSSES), path("losses.png"), x="step", logy=True, title="β-VAE losses")
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+# ================================================================================================
+# PLUMBING — the same text in every script (a test checks it); a reader beside the report may skip it. The shared
+# flags; a run's folder, checkpoint, resume, data order, progress line and NaN check; the loop that calls the hooks.
+RUN_FLAGS = ("device", "data_root", "epochs", "steps", "out", "resume", "log_every")  # may change on --resume
+
+
+def parse_args(argv=None):
+    """The shared flags, then the script's own (add_flags), with the defaults of DEFAULTS[--dataset]."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", choices=tuple(DEFAULTS), default=tuple(DEFAULTS)[0])
+    dataset = pre.parse_known_args(argv)[0].dataset
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=f"(defaults of --dataset {dataset})")
+    p.add_argument("--dataset", choices=tuple(DEFAULTS), help="training data (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw or img_align_celeba (default: %(default)s)")
+    p.add_argument("--out", default="runs", help="parent folder of the run folder (default: %(default)s)")
+    p.add_argument("--resume", help="checkpoint.pt or run folder to continue (default: none)")
+    numbers = (("seed", 1, 0, 2 ** 31, "seed of the weights, data order and noise"), ("epochs", None, 1, 10 ** 6, "training epochs"),
+               ("epoch-steps", None, 0, 10 ** 9, "steps per epoch, 0 = a pass over the data; metrics, figures, checkpoint "
+                "at each epoch's end"), ("steps", None, 1, 10 ** 9, "stop after this many steps in all; none = no cap"),
+               ("batch-size", None, 2, 4096, "samples per step"), ("log-every", 100, 1, 10 ** 9, "steps between progress lines"))
+    for flag, default, _, _, text in numbers:
+        p.add_argument("--" + flag, type=int, default=default, help=text + " (default: %(default)s)")
+    add_flags(p)
+    p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
+    args = p.parse_args(argv)
+    for flag, _, low, high, _ in numbers:
+        value = getattr(args, flag.replace("-", "_"))
+        need(value is None or low <= value <= high, f"--{flag} must be between {low} and {high} (got {value})")
+    need(args.device in ("cpu", "cuda") or args.device[5:].isdigit() and args.device.startswith("cuda:"),
+         f"--device {args.device} is not a device here; use cpu or cuda")
+    need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA GPU is available here; use --device cpu")
+    need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
+    check_flags(args)
+    return args
+
+
+def need(ok, message):
+    """Stop with a one-line error (no traceback) unless ok."""
+    if not ok:
+        common.die(message)
+
+
+def load_checkpoint(args):
+    """A checkpoint of this script with the same experiment flags, loaded without running any code in it."""
+    path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
+    try:  # weights_only: tensors, numbers, strings and containers of them; a pickle that would run code is refused
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
+    need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT, f"{path} is not a checkpoint of {SCRIPT}")
+    need(all(key in ckpt for key in ("args", "step", "seconds", "models", "optims", "rng")), f"{path} is not a complete checkpoint")
+    for flag in sorted(set(vars(args)) | set(ckpt["args"])):
+        need(flag in RUN_FLAGS or vars(args).get(flag) == ckpt["args"].get(flag), f"--{flag.replace('_', '-')} is "
+             f"{vars(args).get(flag)} but {path} was trained with {ckpt['args'].get(flag)}; resume with the same value")
+    return path, ckpt
+
+
+class Run:
+    """One run's folder (config.json, metrics.csv, checkpoint.pt), its data order, resume (bit for bit from
+    where the last checkpoint stopped), progress lines and NaN check."""
+
+    def __init__(self, args, nets, opts):
+        self.args, self.nets, self.opts, self.device = args, nets, opts, torch.device(args.device)
+        self.step, self.seconds, self.data_gen = 0, 0.0, torch.Generator().manual_seed(args.seed)
+        if args.resume:
+            path, ckpt = load_checkpoint(args)
+            try:
+                for part, group in (("models", nets), ("optims", opts)):
+                    for name, module in group.items():
+                        module.load_state_dict(ckpt[part][name])
+                torch.set_rng_state(ckpt["rng"]["torch"])
+                self.data_gen.set_state(ckpt["rng"]["data"])
+                if self.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+                    torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                common.die(f"{path} does not fit these networks ({type(e).__name__}); resume with the flags it was made with")
+            self.dir, self.step, self.seconds = os.path.dirname(os.path.abspath(path)), ckpt["step"], ckpt["seconds"]
+            common.truncate_metrics(os.path.join(self.dir, "metrics.csv"), self.step)
+        else:
+            k = f"__k{args.k}{'-first-order' * vars(args).get('first_order', False)}" if "k" in vars(args) else ""
+            self.dir = os.path.join(args.out, f"{SCRIPT[:-3]}__{args.dataset}{k}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                os.makedirs(self.dir)
+                with open(os.path.join(self.dir, "config.json"), "w") as f:
+                    json.dump({**vars(args), "torch": torch.__version__, "device_name": torch.cuda.get_device_name(
+                        self.device) if self.device.type == "cuda" else "cpu"}, f, indent=1)
+            except OSError as e:
+                common.die(f"cannot write the run folder {self.dir} ({e.strerror}); choose another --out")
+        print(f"run folder {self.dir} ({f'resumed at step {self.step}' if args.resume else 'new run'})", flush=True)
+        self.first, self.t_start = self.step, time.time()
+
+    def batches(self, data):
+        """The training batches, epoch after epoch, from where a resumed run stopped to --epochs or --steps."""
+        full = data.steps_per_epoch(self.args.batch_size)
+        self.per_epoch = min(full, self.args.epoch_steps or full)
+        need(self.per_epoch > 0, f"--batch-size {self.args.batch_size} is larger than the training set")
+        self.total = min(self.args.epochs * self.per_epoch, self.args.steps or 10 ** 18)
+        self.bad = torch.full((len(LOSSES),), -1, device=self.device)  # the first step at which a loss was not finite
+        while self.step < self.total:
+            self.epoch_rng = self.data_gen.get_state()  # this epoch's order is drawn from it (saved for resume)
+            self.sums = self.epoch_sums = self.epoch_n = 0
+            self.line_step, self.t_line, self.t_epoch, skip = self.step, time.time(), time.time(), self.step % self.per_epoch
+            for i, batch in enumerate(itertools.islice(data.epoch(self.args.batch_size, self.data_gen), self.per_epoch)):
+                if i >= skip:
+                    self.epoch_end = i + 1 == self.per_epoch or self.step + 1 == self.total
+                    yield batch
+                    if self.step == self.total:
+                        return
+
+    def log(self, losses):
+        """Count a step and add its losses (a 1-d tensor; no host sync). Every --log-every steps and at an
+        epoch's end: stop if a loss was not finite, print a progress line. Returns True at an epoch's end."""
+        self.step, self.epoch_n = self.step + 1, self.epoch_n + 1
+        self.sums, self.epoch_sums = self.sums + losses, self.epoch_sums + losses
+        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(losses), self.step, self.bad)
+        if self.step % self.args.log_every == 0 or self.epoch_end:
+            for name, at in zip(LOSSES, self.bad.tolist()):
+                need(at < 0, f"{name} became NaN or infinite at step {at}; lower the learning rate or check the data")
+            rate = (self.step - self.line_step) / max(time.time() - self.t_line, 1e-9)
+            means, eta = (self.sums / (self.step - self.line_step)).tolist(), (self.total - self.step) / max(rate, 1e-9)
+            print(f"epoch {math.ceil(self.step / self.per_epoch)}/{self.args.epochs}  step {self.step}/{self.total}  "
+                  + "  ".join(f"{name} {v:.3f}" for name, v in zip(LOSSES, means))
+                  + f"  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            self.sums, self.line_step, self.t_line = 0, self.step, time.time()
+        self.train_seconds = time.time() - self.t_epoch  # read at an epoch's end: training only, no evaluation
+        return self.epoch_end
+
+    def save(self, row):
+        """At an epoch's end: a metrics.csv row (mean losses, speed, evaluation), then the checkpoint, atomically."""
+        self.row = {"epoch": round(self.step / self.per_epoch, 3), "step": self.step, "steps_per_s": self.epoch_n /
+                    self.train_seconds, "seconds": round(self.seconds + time.time() - self.t_start, 1),  # over resumes too
+                    **dict(zip(LOSSES, (self.epoch_sums / self.epoch_n).tolist())), **row}
+        common.append_metrics(os.path.join(self.dir, "metrics.csv"), self.row)
+        rng = {"torch": torch.get_rng_state(), "data": self.epoch_rng if self.step % self.per_epoch else self.data_gen.get_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        torch.save({"script": SCRIPT, "args": vars(self.args), "step": self.step, "seconds": self.row["seconds"], "rng": rng,
+                    "models": {k: m.state_dict() for k, m in self.nets.items()},
+                    "optims": {k: o.state_dict() for k, o in self.opts.items()}}, os.path.join(self.dir, "checkpoint.tmp"))
+        os.replace(os.path.join(self.dir, "checkpoint.tmp"), os.path.join(self.dir, "checkpoint.pt"))
+
+
+def train(args):
+    """One run: data, networks; per step train_step; per epoch an evaluation row, a checkpoint and figures."""
+    torch.manual_seed(args.seed)  # the weights and the training noise
+    data, ctx = setup(args)
+    nets, opts = build(args, data.shape)
+    run = Run(args, nets, opts)
+    for x, _ in run.batches(data):
+        if run.log(train_step(nets, opts, x, args)):  # True at each epoch's end
+            run.save(evaluate(nets, ctx, args))
+            save_figures(nets, ctx, run, args)
+    wall, n = time.time() - run.t_start, run.step - run.first
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2 ** 20:.0f} MiB" if run.device.type == "cuda" else ""
+    print(f"done: {n} steps in {wall:.1f} s ({n / max(wall, 1e-9):.2f} steps/s){peak}, run folder {run.dir}", flush=True)
+    return run.dir
+# ==================================== (end of the plumbing) ====================================
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
-"""InfoGAN on MNIST: report §II.A, eq. (1)-(3); Figs 4-5 (the K = 0 traversals of §III.B).
+"""InfoGAN on MNIST: report §II.A, eqs. (1)-(3); Figs 4-5 (the K = 0 traversals of §III.B).
 
-Implements Chen et al. 2016, "InfoGAN: Interpretable Representation Learning by Information Maximizing
-Generative Adversarial Nets", with its MNIST networks, latents (62-d noise z, one 10-way categorical code,
-two continuous codes) and learning rates. Logs the categorical code's accuracy on the 10,000 MNIST test
-digits (categories matched to digits one-to-one). Figures land in the run folder: fig04_traversal_c1.png,
-fig05_traversal_c2.png (rows: categorical value; columns: one continuous code from -2 to 2), samples.png.
+Chen et al. 2016, "InfoGAN: Interpretable Representation Learning by Information Maximizing Generative
+Adversarial Nets" (arXiv:1606.03657), with its MNIST networks (Table 1; --width scales every hidden layer),
+latents and learning rates. Each epoch: the categorical code's test accuracy and what the generated digits
+look like, measured (evaluation.py); figures fig04/fig05_traversal_c1/c2.png, samples.png, losses.png.
 
-    python infogan.py --data-root /path/to/mnist --epochs 15
+    python infogan.py --data-root DATA                       # the paper's networks, 15 epochs
+    python infogan.py --data-root DATA --width 0.25          # the lab scale (README)
 """
 import argparse
 import itertools
 import json
+import math
 import os
 import time
 
@@ -19,94 +20,58 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import evaluation
 
 SCRIPT = "infogan.py"
-LOSS_NAMES = ("loss_d", "loss_g", "li_cat", "li_cont")
-MODEL_FLAGS = ("dataset", "batch_size", "n_noise", "n_cat", "n_cont")  # must match when resuming
+LOSSES = ("loss_d", "loss_g", "li_cat", "li_cont")  # what train_step returns, in this order
+DEFAULTS = {"mnist": dict(
+    epochs=15, epoch_steps=0,  # the InfoGAN paper's MNIST run, about 14,000 steps; an epoch is a pass (937 steps)
+    batch_size=64, width=1.0,  # the InfoGAN paper's batch and Table 1 networks (width 1); the lab scale is 0.25
+    lr_g=1e-3, lr_d=2e-4,  # the InfoGAN paper's Adam learning rates (G's Adam also trains Q's head)
+    beta1=0.5,  # Adam's β1, as in DCGAN and InfoGAN
+    lambda_cat=1.0, lambda_cont=1.0,  # λ of eq. (3) for each code, the InfoGAN paper's for MNIST
+    n_noise=62, n_cat=10, n_cont=2)}  # the InfoGAN paper's latents: z, one 10-way code, two continuous codes
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
-    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw (default: %(default)s)")
-    p.add_argument("--dataset", default="mnist", choices=["mnist"], help="dataset (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="optional cap on total training steps (default: no cap)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
-    p.add_argument("--out", default="runs", help="folder for run folders (default: %(default)s)")
-    p.add_argument("--resume", default=None, help="checkpoint.pt or run folder to continue (default: none)")
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines (default: %(default)s)")
-    p.add_argument("--lr-g", type=float, default=1e-3, help="Adam learning rate of G and Q's head (default: %(default)s)")
-    p.add_argument("--lr-d", type=float, default=2e-4, help="Adam learning rate of D (default: %(default)s)")
-    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (default: %(default)s)")
-    p.add_argument("--lambda-cat", type=float, default=1.0, help="λ of the categorical L_I term (default: %(default)s)")
-    p.add_argument("--lambda-cont", type=float, default=1.0, help="λ of the continuous L_I term (default: %(default)s)")
-    p.add_argument("--n-noise", type=int, default=62, help="dimensions of the noise z (default: %(default)s)")
-    p.add_argument("--n-cat", type=int, default=10, help="values of the categorical code (default: %(default)s)")
-    p.add_argument("--n-cont", type=int, default=2, help="number of continuous codes (default: %(default)s)")
-    args = p.parse_args(argv)
-    for flag, low in (("epochs", 1), ("steps", 1), ("batch_size", 1), ("log_every", 1), ("n_noise", 1), ("n_cont", 1)):
-        value = getattr(args, flag)
-        if value is not None and value < low:
-            common.die(f"--{flag.replace('_', '-')} must be >= {low} (got {value})")
-    if not 2 <= args.n_cat <= 10:  # the test accuracy matches categories to the 10 digits one-to-one
-        common.die(f"--n-cat must be between 2 and 10 (got {args.n_cat})")
-    for flag in ("lr_g", "lr_d"):
-        if not getattr(args, flag) > 0:
-            common.die(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
-    for flag in ("lambda_cat", "lambda_cont"):
-        if not getattr(args, flag) >= 0:
-            common.die(f"--{flag.replace('_', '-')} must be >= 0 (got {getattr(args, flag)})")
-    if not 0 <= args.beta1 < 1:
-        common.die(f"--beta1 must be in [0, 1) (got {args.beta1})")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        common.die("--device cuda but no CUDA GPU is available here; use --device cpu")
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        common.die(f"--device {args.device!r} is not a device; use cpu or cuda")
-    return args
+def add_flags(p):
+    p.add_argument("--width", type=float, help="multiplier of every hidden layer's size; 1 = the paper's (default: %(default)s)")
+    p.add_argument("--lr-g", type=float, help="Adam learning rate of G and Q's head (default: %(default)s)")
+    p.add_argument("--lr-d", type=float, help="Adam learning rate of D (default: %(default)s)")
 
 
-# ------------------------------------------------------------------------------------------------
-# Models: the InfoGAN paper's MNIST networks (its Table 1). LeakyReLU slope 0.1 as in that paper.
-# ------------------------------------------------------------------------------------------------
-class Generator(nn.Module):
-    """G(z, c): FC1024-BN-ReLU → FC 7·7·128-BN-ReLU → deconv64-BN-ReLU → deconv1-tanh; pixels in [-1, 1]."""
+def check_flags(a):
+    need(1 / 64 <= a.width <= 4, f"--width must be between 1/64 and 4 (got {a.width})")
+    need(a.lr_g > 0 and a.lr_d > 0, f"--lr-g and --lr-d must be > 0 (got {a.lr_g}, {a.lr_d})")
 
-    def __init__(self, n_latent):
-        super().__init__()
-        self.fc = nn.Sequential(nn.Linear(n_latent, 1024), nn.BatchNorm1d(1024), nn.ReLU(),
-                                nn.Linear(1024, 128 * 7 * 7), nn.BatchNorm1d(128 * 7 * 7), nn.ReLU())
-        self.deconv = nn.Sequential(nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
-                                    nn.ConvTranspose2d(64, 1, 4, 2, 1), nn.Tanh())
 
-    def forward(self, latent):  # (B, n_latent) -> (B, 1, 28, 28)
-        return self.deconv(self.fc(latent).view(-1, 128, 7, 7))
+# ---- Models: the InfoGAN paper's MNIST networks (its Table 1), every hidden size × --width; LeakyReLU 0.1 -----------
+def generator(n_latent, width=1.0):
+    """G(z, c): FC 1024-BN-ReLU → FC 7·7·128-BN-ReLU → deconv 64-BN-ReLU → deconv 1-tanh; (B, n_latent) → (B, 1, 28, 28)."""
+    h1, h2, h3 = (max(1, round(n * width)) for n in (1024, 128, 64))
+    return nn.Sequential(nn.Linear(n_latent, h1), nn.BatchNorm1d(h1), nn.ReLU(), nn.Linear(h1, h2 * 49), nn.BatchNorm1d(h2 * 49),
+                         nn.ReLU(), nn.Unflatten(1, (h2, 7, 7)), nn.ConvTranspose2d(h2, h3, 4, 2, 1), nn.BatchNorm2d(h3), nn.ReLU(),
+                         nn.ConvTranspose2d(h3, 1, 4, 2, 1), nn.Tanh())  # pixels in [-1, 1]
 
 
 class Discriminator(nn.Module):
-    """D: conv64-lReLU → conv128-BN-lReLU → FC1024-BN-lReLU → FC1 (a logit). Q shares D's whole body and
-    adds its own head, q_head: FC128-BN-lReLU → n_cat categorical logits + n_cont Gaussian means."""
+    """D: conv 64-lReLU → conv 128-BN-lReLU → FC 1024-BN-lReLU → FC 1 (a logit). Q shares D's whole body and
+    adds its own head, q_head: FC 128-BN-lReLU → n_cat categorical logits + n_cont Gaussian means."""
 
-    def __init__(self, n_cat, n_cont):
+    def __init__(self, n_cat, n_cont, width=1.0):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 64, 4, 2, 1), nn.LeakyReLU(0.1),
-                                  nn.Conv2d(64, 128, 4, 2, 1), nn.BatchNorm2d(128), nn.LeakyReLU(0.1), nn.Flatten(),
-                                  nn.Linear(128 * 7 * 7, 1024), nn.BatchNorm1d(1024), nn.LeakyReLU(0.1))
-        self.d_head = nn.Linear(1024, 1)
-        self.q_head = nn.Sequential(nn.Linear(1024, 128), nn.BatchNorm1d(128), nn.LeakyReLU(0.1),
-                                    nn.Linear(128, n_cat + n_cont))
+        h1, h2, h3, h4 = (max(1, round(n * width)) for n in (64, 128, 1024, 128))
+        self.body = nn.Sequential(nn.Conv2d(1, h1, 4, 2, 1), nn.LeakyReLU(0.1),
+                                  nn.Conv2d(h1, h2, 4, 2, 1), nn.BatchNorm2d(h2), nn.LeakyReLU(0.1), nn.Flatten(),
+                                  nn.Linear(h2 * 7 * 7, h3), nn.BatchNorm1d(h3), nn.LeakyReLU(0.1))
+        self.d_head = nn.Linear(h3, 1)
+        self.q_head = nn.Sequential(nn.Linear(h3, h4), nn.BatchNorm1d(h4), nn.LeakyReLU(0.1), nn.Linear(h4, n_cat + n_cont))
 
     def forward(self, x):  # (B, 1, 28, 28) -> D logit (B,), Q outputs (B, n_cat + n_cont)
         h = self.body(x)
         return self.d_head(h).squeeze(1), self.q_head(h)
 
 
-# ------------------------------------------------------------------------------------------------
-# Latents, losses, metric
-# ------------------------------------------------------------------------------------------------
+# ---- Latents and losses ---------------------------------------------------------------------------------------------
 def make_latent(z, c_cat, c_cont, n_cat):
     """Generator input [z, one-hot(c_cat), c_cont]: (B, n_noise + n_cat + n_cont)."""
     return torch.cat([z, F.one_hot(c_cat, n_cat).to(z.dtype), c_cont], dim=1)
@@ -121,7 +86,7 @@ def sample_latents(n, n_noise, n_cat, n_cont, device, generator=None):
 
 
 def traversal_latents(z, c_cont, code, values, n_cat):
-    """Figs 4-5 layout, row-major: row r has c_cat = r, column j sets continuous code `code` to values[j];
+    """Figs 4-11 layout, row-major: row r has c_cat = r, column j sets continuous code `code` to values[j];
     the noise z (n_noise,) and the other codes c_cont (n_cont,) are the same in every cell."""
     rows, cols = n_cat, len(values)
     c_cat = torch.arange(rows, device=z.device).repeat_interleave(cols)  # (R*C,)
@@ -130,247 +95,258 @@ def traversal_latents(z, c_cont, code, values, n_cat):
     return make_latent(z.expand(rows * cols, -1), c_cat, cc, n_cat), c_cat, cc
 
 
+def d_loss(real_logit, fake_logit):
+    # eq. (1), D's side: D ascends V(D, G), i.e. descends loss_d = -V = -E_x log D(x) - E_z log(1 - D(G(z))),
+    # each E a mean over the batch
+    return (F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
+            + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit)))
+
+
 def information_losses(q, c_cat, c_cont, n_cat):
-    """L_I terms we minimise (each equals -E[log Q(c|x)] up to a constant, i.e. -L_I(G, Q) + H(c)):
-    li_cat = cross-entropy of Q's softmax on the true code, mean over the batch;
-    li_cont = 0.5·(μ_Q(x) - c)², mean over batch and codes: the Gaussian NLL with a FIXED σ = 1 minus its
-    constant 0.5·log 2π (the paper may learn σ; we fix it, so li_cont is a plain scaled squared error)."""
+    """The L_I terms we minimise, each -E[log Q(c|x)] up to a constant (= -L_I(G, Q) + H(c)): li_cat = cross-entropy of
+    Q's softmax on the true code, a batch mean; li_cont = 0.5·(μ_Q(x) - c)², a mean over batch and codes: the Gaussian
+    NLL with a FIXED σ = 1, less 0.5·log 2π (the InfoGAN paper may learn σ)."""
     li_cat = F.cross_entropy(q[:, :n_cat], c_cat)
     li_cont = 0.5 * (q[:, n_cat:] - c_cont).pow(2).mean()
     return li_cat, li_cont
 
 
-def hungarian_accuracy(pred, labels, n_cat, n_classes=10):
-    """Accuracy of categories `pred` against `labels` under the best one-to-one category→class map
-    (n_cat <= n_classes). Exact assignment by a DP over subsets of classes: best[mask] is the largest
-    number of hits when categories 0..popcount(mask)-1 take the classes in mask."""
-    counts = torch.bincount(pred.cpu() * n_classes + labels.cpu(), minlength=n_cat * n_classes)
-    counts = counts.view(n_cat, n_classes).tolist()
-    best = [-1] * (1 << n_classes)
-    best[0] = 0
-    for mask in range(1 << n_classes):
-        k = bin(mask).count("1")  # next category to place
-        if best[mask] < 0 or k == n_cat:
-            continue
-        for c in range(n_classes):
-            if not mask >> c & 1:
-                best[mask | 1 << c] = max(best[mask | 1 << c], best[mask] + counts[k][c])
-    return max(b for m, b in enumerate(best) if bin(m).count("1") == n_cat) / max(len(labels), 1)
-
-
-@torch.no_grad()
-def test_accuracy(D, test, n_cat, batch=1000):
-    """Categorical-code accuracy on the real test digits: argmax of Q's logits (eval mode), Hungarian-matched."""
-    D.eval()
-    pred = []
-    for idx in torch.arange(len(test), device=test.images.device).split(batch):
-        x, _ = test.batch(idx)
-        _, q = D(x * 2 - 1)  # [0, 1] -> [-1, 1], as in training
-        pred.append(q[:, :n_cat].argmax(1))
-    D.train()
-    pred = torch.cat(pred)
-    return hungarian_accuracy(pred, test.labels, n_cat)
-
-
-# ------------------------------------------------------------------------------------------------
-# Training step
-# ------------------------------------------------------------------------------------------------
-def train_step(G, D, opt_d, opt_g, x, args):
-    """One InfoGAN step on a real batch x in [-1, 1]; returns detached (loss_d, loss_g, li_cat, li_cont)."""
+# ---- ALGO LOGIC: one training step (Chen et al.: one D step, then one G and Q step) ---------------------------------
+def train_step(nets, opts, x, args):
+    """One InfoGAN step on a real batch x (B, 1, 28, 28) in [-1, 1]; returns detached (loss_d, loss_g, li_cat, li_cont)."""
+    G, D = nets["G"], nets["D"]
     latent, c_cat, c_cont = sample_latents(x.shape[0], args.n_noise, args.n_cat, args.n_cont, x.device)
     fake = G(latent)
 
-    # ---- discriminator step ----
-    d_real, _ = D(x)
-    d_fake, _ = D(fake.detach())
-    # eq. (1): max_D E[log D(x)] + E[log(1 - D(G(z, c)))], as binary cross-entropies, each a mean over the batch
-    loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
-              + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-    opt_d.zero_grad(set_to_none=True)
+    # ---- (1) discriminator step: maximise eq. (1), log D(x) + log(1 - D(G(z, c))) ----
+    loss_d = d_loss(D(x)[0], D(fake.detach())[0])
+    opts["d"].zero_grad(set_to_none=True)
     loss_d.backward()
-    opt_d.step()
+    opts["d"].step()
 
-    # ---- generator step ----
+    # ---- (2) generator loss: the non-saturating -log D(G(z, c)) (mean over the batch) in place of eq. (1)'s
+    # log(1 - D(G(z, c))), whose gradient vanishes while D wins (Goodfellow et al. 2014) ----
     d_fake, q_fake = D(fake)
-    # non-saturating generator loss: G minimises -E[log D(G(z, c))] (mean over the batch) instead of eq. (1)'s
-    # E[log(1 - D(G(z, c)))], which has vanishing gradients when D wins (Goodfellow et al. 2014)
     loss_g = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
 
-    # ---- information (Q) step ----
-    # eq. (3): min_{G,Q} max_D V(D, G) - λ L_I(G, Q); one Adam update of G and Q's head on the G step's loss
-    # plus λ·(-L_I). Q's body is D's and is trained by the D step only (D's optimizer owns it).
+    # ---- (3) information term and G/Q step, eq. (3): min over G, Q of V(D, G) - λ L_I(G, Q). One Adam update of
+    # G and Q's head on loss_g + λ·(-L_I); Q's body is D's, trained by the D step only (D's Adam owns it) ----
     li_cat, li_cont = information_losses(q_fake, c_cat, c_cont, args.n_cat)
-    opt_g.zero_grad(set_to_none=True)
-    (loss_g + args.lambda_cat * li_cat + args.lambda_cont * li_cont).backward()
-    opt_g.step()
+    opts["g"].zero_grad(set_to_none=True)
+    (loss_g + args.lambda_cat * li_cat + args.lambda_cont * li_cont).backward(inputs=opts["g"].param_groups[0]["params"])
+    opts["g"].step()
     return torch.stack([loss_d, loss_g, li_cat, li_cont]).detach()
 
 
-# ------------------------------------------------------------------------------------------------
-# Figures, checkpoint
-# ------------------------------------------------------------------------------------------------
+# ---- Networks, data, evaluation, figures ----------------------------------------------------------------------------
+def build(args, shape):
+    """G, D (with Q's head) and two Adams: D's owns D's body and head, G's owns G and Q's head."""
+    device = torch.device(args.device)
+    G = generator(args.n_noise + args.n_cat + args.n_cont, args.width).to(device)
+    D = Discriminator(args.n_cat, args.n_cont, args.width).to(device)
+    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(args.beta1, 0.999))  # noqa: E731
+    return {"G": G, "D": D}, {"d": adam([*D.body.parameters(), *D.d_head.parameters()], args.lr_d),
+                              "g": adam([*G.parameters(), *D.q_head.parameters()], args.lr_g)}
+
+
+def setup(args):
+    """MNIST in [-1, 1] (G ends in tanh), the test digits, the figures' fixed latents, the digit measures."""
+    device, g, n = torch.device(args.device), torch.Generator().manual_seed(args.seed), 10 * args.n_cat
+    fixed = {"z": torch.randn(args.n_noise, generator=g), "c_cont": torch.zeros(args.n_cont), "values": torch.linspace(-2, 2, 10),
+             "samples": make_latent(torch.randn(n, args.n_noise, generator=g), torch.arange(args.n_cat).repeat_interleave(10),
+                                    torch.rand(n, args.n_cont, generator=g) * 2 - 1, args.n_cat)}  # 10 per category
+    return common.load_data(args.dataset, args.data_root, device, signed=True), {
+        "test": common.load_data(args.dataset, args.data_root, device, train=False, signed=True),
+        "fixed": {k: v.to(device) for k, v in fixed.items()},
+        "measure": evaluation.Evaluator(args.data_root, device, args.n_noise, args.n_cat, args.n_cont)}
+
+
+def evaluate(nets, ctx, args):
+    """Q's categorical accuracy on the test digits; classes covered and what each code moves (evaluation.py)."""
+    return {"test_acc": evaluation.test_accuracy(nets["D"], ctx["test"], args.n_cat), **ctx["measure"](nets["G"])}
+
+
+def save_figures(nets, ctx, run, args):
+    save_digit_figures(nets["G"], ctx["fixed"], run, args)
+    common.plot_metrics(os.path.join(run.dir, "metrics.csv"), list(LOSSES), os.path.join(run.dir, "losses.png"), title="losses")
+
+
 @torch.no_grad()
-def save_figures(G, fixed, run_dir, n_cat):
-    """fig04/fig05 (one traversal per continuous code), samples.png and losses.png, from fixed latents."""
-    G.eval()  # BatchNorm running statistics: a traversal batch shares one z, batch statistics would distort it
-    values = fixed["values"]
-    for code in range(fixed["c_cont"].shape[0]):
-        latent, _, _ = traversal_latents(fixed["z"], fixed["c_cont"], code, values, n_cat)
-        images = (G(latent) + 1) / 2  # [-1, 1] -> [0, 1]
+def save_digit_figures(G, fixed, run, args, title=""):
+    """fig04/fig05: one traversal per continuous code (rows: categorical code), and samples.png; fixed latents."""
+    G.eval()  # BatchNorm's running statistics: a traversal batch shares one z, batch statistics would distort it
+    for code in range(args.n_cont):
+        latent, _, _ = traversal_latents(fixed["z"], fixed["c_cont"], code, fixed["values"], args.n_cat)
         name = {0: "fig04_traversal_c1", 1: "fig05_traversal_c2"}.get(code, f"traversal_c{code + 1}")
-        common.save_traversal(images.view(n_cat, len(values), 1, 28, 28), os.path.join(run_dir, name + ".png"),
-                              values, row_labels=[f"c_cat={r}" for r in range(n_cat)],
-                              title=f"continuous code c{code + 1} (rows: categorical code; z, other codes fixed)",
-                              xlabel=f"c{code + 1}")
-    common.save_grid((G(fixed["samples"]) + 1) / 2, os.path.join(run_dir, "samples.png"), nrow=10,
-                     row_labels=[f"c_cat={r}" for r in range(n_cat)], title="samples (row: categorical code)")
+        common.save_traversal((G(latent) + 1).view(args.n_cat, -1, 1, 28, 28) / 2, os.path.join(run.dir, name + ".png"),
+                              fixed["values"], row_labels=[f"c_cat={r}" for r in range(args.n_cat)], xlabel=f"c{code + 1}",
+                              title=f"{title}continuous code c{code + 1} (rows: categorical code; z, other codes fixed)")
+    common.save_grid((G(fixed["samples"]) + 1) / 2, os.path.join(run.dir, "samples.png"), nrow=10,
+                     row_labels=[f"c_cat={r}" for r in range(args.n_cat)], title=f"{title}samples, step {run.step}")
     G.train()
-    metrics = os.path.join(run_dir, "metrics.csv")
-    if os.path.exists(metrics):
-        common.plot_metrics(metrics, list(LOSS_NAMES), os.path.join(run_dir, "losses.png"), title="InfoGAN losses")
-
-
-def save_checkpoint(path, **state):
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: an interrupted write never leaves a half checkpoint
-
-
-def load_checkpoint(path, args):
-    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        common.die(f"{path} is not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        other = ckpt.get("script") if isinstance(ckpt, dict) else None
-        common.die(f"{path} is a checkpoint of {other or 'something else'}, not of {SCRIPT}")
-    for flag in MODEL_FLAGS:
-        if ckpt["args"][flag] != getattr(args, flag):
-            common.die(f"--{flag.replace('_', '-')} is {getattr(args, flag)} but {path} was trained with "
-                       f"{ckpt['args'][flag]}; pass the same value to resume")
-    return path, ckpt
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    ckpt_path, ckpt = load_checkpoint(args.resume, args) if args.resume else (None, None)
+    train(parse_args(argv))
 
-    # ---- seeding ----
-    torch.manual_seed(args.seed)  # latents of the training steps
-    data_gen = torch.Generator().manual_seed(args.seed)  # order of the data
-    fixed_gen = torch.Generator().manual_seed(args.seed)  # fixed latents of the figures
 
-    # ---- data: [0, 1] -> [-1, 1] to match the tanh generator ----
-    train = common.load_data(args.dataset, args.data_root, device)
-    test = common.load_data(args.dataset, args.data_root, device, train=False)
-    steps_per_epoch = len(train) // args.batch_size
-    if steps_per_epoch == 0:
-        common.die(f"--batch-size {args.batch_size} is larger than the {len(train)} training images")
-    total = args.epochs * steps_per_epoch if args.steps is None else min(args.steps, args.epochs * steps_per_epoch)
+# ================================================================================================
+# PLUMBING — the same text in every script (a test checks it); a reader beside the report may skip it. The shared
+# flags; a run's folder, checkpoint, resume, data order, progress line and NaN check; the loop that calls the hooks.
+RUN_FLAGS = ("device", "data_root", "epochs", "steps", "out", "resume", "log_every")  # may change on --resume
 
-    # ---- models, optimizers ----
-    G = Generator(args.n_noise + args.n_cat + args.n_cont).to(device)
-    D = Discriminator(args.n_cat, args.n_cont).to(device)
-    opt_d = torch.optim.Adam([*D.body.parameters(), *D.d_head.parameters()], lr=args.lr_d, betas=(args.beta1, 0.999))
-    opt_g = torch.optim.Adam([*G.parameters(), *D.q_head.parameters()], lr=args.lr_g, betas=(args.beta1, 0.999))
-    n = 10 * args.n_cat  # samples.png: 10 per categorical value, one row each
-    fixed = {"z": torch.randn(args.n_noise, generator=fixed_gen), "c_cont": torch.zeros(args.n_cont),
-             "values": torch.linspace(-2, 2, 10),
-             "samples": make_latent(torch.randn(n, args.n_noise, generator=fixed_gen),
-                                    torch.arange(args.n_cat).repeat_interleave(10),
-                                    torch.rand(n, args.n_cont, generator=fixed_gen) * 2 - 1, args.n_cat)}
-    step, seconds = 0, 0.0
-    if ckpt is not None:
-        try:
-            G.load_state_dict(ckpt["models"]["G"])
-            D.load_state_dict(ckpt["models"]["D"])
-            opt_d.load_state_dict(ckpt["optims"]["d"])
-            opt_g.load_state_dict(ckpt["optims"]["g"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            common.die(f"{ckpt_path} does not fit these models ({type(e).__name__}); resume with the flags it was made with")
-        step, seconds, fixed = ckpt["step"], ckpt["seconds"], ckpt["fixed"]
-        torch.set_rng_state(ckpt["rng"])
-        data_gen.set_state(ckpt["data_rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-    fixed = {k: v.to(device) for k, v in fixed.items()}
 
-    # ---- run folder ----
-    if ckpt is not None:
-        run_dir = os.path.dirname(os.path.abspath(ckpt_path))
-    else:
-        run_dir = os.path.join(args.out, f"infogan__{args.dataset}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({**vars(args), "torch": torch.__version__, "device_name": torch.cuda.get_device_name(device)
-                       if device.type == "cuda" else "cpu"}, f, indent=2)
-    print(f"run folder {run_dir}  ({'resumed at step %d' % step if ckpt else 'new run'})", flush=True)
+def parse_args(argv=None):
+    """The shared flags, then the script's own (add_flags), with the defaults of DEFAULTS[--dataset]."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", choices=tuple(DEFAULTS), default=tuple(DEFAULTS)[0])
+    dataset = pre.parse_known_args(argv)[0].dataset
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=f"(defaults of --dataset {dataset})")
+    p.add_argument("--dataset", choices=tuple(DEFAULTS), help="training data (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw or img_align_celeba (default: %(default)s)")
+    p.add_argument("--out", default="runs", help="parent folder of the run folder (default: %(default)s)")
+    p.add_argument("--resume", help="checkpoint.pt or run folder to continue (default: none)")
+    numbers = (("seed", 1, 0, 2 ** 31, "seed of the weights, data order and noise"), ("epochs", None, 1, 10 ** 6, "training epochs"),
+               ("epoch-steps", None, 0, 10 ** 9, "steps per epoch, 0 = a pass over the data; metrics, figures, checkpoint "
+                "at each epoch's end"), ("steps", None, 1, 10 ** 9, "stop after this many steps in all; none = no cap"),
+               ("batch-size", None, 2, 4096, "samples per step"), ("log-every", 100, 1, 10 ** 9, "steps between progress lines"))
+    for flag, default, _, _, text in numbers:
+        p.add_argument("--" + flag, type=int, default=default, help=text + " (default: %(default)s)")
+    add_flags(p)
+    p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
+    args = p.parse_args(argv)
+    for flag, _, low, high, _ in numbers:
+        value = getattr(args, flag.replace("-", "_"))
+        need(value is None or low <= value <= high, f"--{flag} must be between {low} and {high} (got {value})")
+    need(args.device in ("cpu", "cuda") or args.device[5:].isdigit() and args.device.startswith("cuda:"),
+         f"--device {args.device} is not a device here; use cpu or cuda")
+    need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA GPU is available here; use --device cpu")
+    need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
+    check_flags(args)
+    return args
 
-    # ---- training loop ----
-    hist = torch.zeros(args.log_every, len(LOSS_NAMES), device=device)  # ring buffer of the last steps' losses
-    start_step, t_start = step, time.time()
-    t_log, step_log = t_start, step
 
-    def check_and_report(epoch):
-        """NaN check over the ring buffer, then a progress line with its means. Syncs with the device."""
-        nonlocal t_log, step_log
-        filled = min(step - start_step, args.log_every)
-        rows = hist.tolist()
-        for s in range(step - filled + 1, step + 1):
-            for name, v in zip(LOSS_NAMES, rows[s % args.log_every]):
-                if v != v or abs(v) == float("inf"):
-                    common.die(f"{name} became {v} at step {s}; lower the learning rate or check the data")
-        means = torch.tensor([rows[s % args.log_every] for s in range(step - filled + 1, step + 1)]).mean(0)
-        t_now = time.time()
-        rate = (step - step_log) / max(t_now - t_log, 1e-9)
-        eta = (total - step) / max(rate, 1e-9)
-        print(f"epoch {epoch}/{args.epochs}  step {step}/{total}  "
-              + "  ".join(f"{k} {v:.3f}" for k, v in zip(LOSS_NAMES, means.tolist()))
-              + f"  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-        t_log, step_log = t_now, step
+def need(ok, message):
+    """Stop with a one-line error (no traceback) unless ok."""
+    if not ok:
+        common.die(message)
 
-    while step < total:
-        epoch = step // steps_per_epoch + 1
-        epoch_rng = data_gen.get_state()  # the state this epoch's permutation is drawn from
-        batches = itertools.islice(train.epoch(args.batch_size, data_gen), step % steps_per_epoch, None)
-        epoch_sum, epoch_n, t_epoch = torch.zeros(len(LOSS_NAMES), device=device), 0, time.time()
-        t_log = t_epoch  # the speed on progress lines leaves out evaluation and figures
-        for x, _ in batches:
-            losses = train_step(G, D, opt_d, opt_g, x * 2 - 1, args)
-            step += 1
-            hist[step % args.log_every] = losses
-            epoch_sum += losses
-            epoch_n += 1
-            if step % args.log_every == 0:
-                check_and_report(epoch)
-            if step >= total:
-                break
-        if step != step_log:  # the tail of the epoch since the last progress line
-            check_and_report(epoch)
-        steps_per_s = epoch_n / max(time.time() - t_epoch, 1e-9)  # training only: no evaluation, no figures
-        means = (epoch_sum / epoch_n).tolist()  # epoch means of the step losses
-        row = {"epoch": round(step / steps_per_epoch, 3), "step": step,
-               "seconds": round(seconds + time.time() - t_start, 2),  # wall seconds, summed over resumed sessions
-               "steps_per_s": steps_per_s, **dict(zip(LOSS_NAMES, means)),
-               "test_acc": test_accuracy(D, test, args.n_cat)}
-        common.append_metrics(os.path.join(run_dir, "metrics.csv"), row)
-        print(f"epoch {epoch} done: test_acc {row['test_acc']:.4f}", flush=True)
-        save_figures(G, fixed, run_dir, args.n_cat)
-        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), script=SCRIPT, args=vars(args),
-                        models={"G": G.state_dict(), "D": D.state_dict()},
-                        optims={"d": opt_d.state_dict(), "g": opt_g.state_dict()},
-                        step=step, epoch=step // steps_per_epoch, seconds=row["seconds"],
-                        fixed={k: v.cpu() for k, v in fixed.items()}, rng=torch.get_rng_state(),
-                        data_rng=data_gen.get_state() if step % steps_per_epoch == 0 else epoch_rng,
-                        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
-    # ---- summary ----
-    wall = time.time() - t_start
-    peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
-            if device.type == "cuda" else "")
-    print(f"done: {step - start_step} steps in {wall:.1f} s ({(step - start_step) / max(wall, 1e-9):.1f} steps/s)"
-          f"{peak}, run folder {run_dir}", flush=True)
+def load_checkpoint(args):
+    """A checkpoint of this script with the same experiment flags, loaded without running any code in it."""
+    path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
+    try:  # weights_only: tensors, numbers, strings and containers of them; a pickle that would run code is refused
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
+    need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT, f"{path} is not a checkpoint of {SCRIPT}")
+    need(all(key in ckpt for key in ("args", "step", "seconds", "models", "optims", "rng")), f"{path} is not a complete checkpoint")
+    for flag in sorted(set(vars(args)) | set(ckpt["args"])):
+        need(flag in RUN_FLAGS or vars(args).get(flag) == ckpt["args"].get(flag), f"--{flag.replace('_', '-')} is "
+             f"{vars(args).get(flag)} but {path} was trained with {ckpt['args'].get(flag)}; resume with the same value")
+    return path, ckpt
+
+
+class Run:
+    """One run's folder (config.json, metrics.csv, checkpoint.pt), its data order, resume (bit for bit from
+    where the last checkpoint stopped), progress lines and NaN check."""
+
+    def __init__(self, args, nets, opts):
+        self.args, self.nets, self.opts, self.device = args, nets, opts, torch.device(args.device)
+        self.step, self.seconds, self.data_gen = 0, 0.0, torch.Generator().manual_seed(args.seed)
+        if args.resume:
+            path, ckpt = load_checkpoint(args)
+            try:
+                for part, group in (("models", nets), ("optims", opts)):
+                    for name, module in group.items():
+                        module.load_state_dict(ckpt[part][name])
+                torch.set_rng_state(ckpt["rng"]["torch"])
+                self.data_gen.set_state(ckpt["rng"]["data"])
+                if self.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+                    torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                common.die(f"{path} does not fit these networks ({type(e).__name__}); resume with the flags it was made with")
+            self.dir, self.step, self.seconds = os.path.dirname(os.path.abspath(path)), ckpt["step"], ckpt["seconds"]
+            common.truncate_metrics(os.path.join(self.dir, "metrics.csv"), self.step)
+        else:
+            k = f"__k{args.k}{'-first-order' * vars(args).get('first_order', False)}" if "k" in vars(args) else ""
+            self.dir = os.path.join(args.out, f"{SCRIPT[:-3]}__{args.dataset}{k}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                os.makedirs(self.dir)
+                with open(os.path.join(self.dir, "config.json"), "w") as f:
+                    json.dump({**vars(args), "torch": torch.__version__, "device_name": torch.cuda.get_device_name(
+                        self.device) if self.device.type == "cuda" else "cpu"}, f, indent=1)
+            except OSError as e:
+                common.die(f"cannot write the run folder {self.dir} ({e.strerror}); choose another --out")
+        print(f"run folder {self.dir} ({f'resumed at step {self.step}' if args.resume else 'new run'})", flush=True)
+        self.first, self.t_start = self.step, time.time()
+
+    def batches(self, data):
+        """The training batches, epoch after epoch, from where a resumed run stopped to --epochs or --steps."""
+        full = data.steps_per_epoch(self.args.batch_size)
+        self.per_epoch = min(full, self.args.epoch_steps or full)
+        need(self.per_epoch > 0, f"--batch-size {self.args.batch_size} is larger than the training set")
+        self.total = min(self.args.epochs * self.per_epoch, self.args.steps or 10 ** 18)
+        self.bad = torch.full((len(LOSSES),), -1, device=self.device)  # the first step at which a loss was not finite
+        while self.step < self.total:
+            self.epoch_rng = self.data_gen.get_state()  # this epoch's order is drawn from it (saved for resume)
+            self.sums = self.epoch_sums = self.epoch_n = 0
+            self.line_step, self.t_line, self.t_epoch, skip = self.step, time.time(), time.time(), self.step % self.per_epoch
+            for i, batch in enumerate(itertools.islice(data.epoch(self.args.batch_size, self.data_gen), self.per_epoch)):
+                if i >= skip:
+                    self.epoch_end = i + 1 == self.per_epoch or self.step + 1 == self.total
+                    yield batch
+                    if self.step == self.total:
+                        return
+
+    def log(self, losses):
+        """Count a step and add its losses (a 1-d tensor; no host sync). Every --log-every steps and at an
+        epoch's end: stop if a loss was not finite, print a progress line. Returns True at an epoch's end."""
+        self.step, self.epoch_n = self.step + 1, self.epoch_n + 1
+        self.sums, self.epoch_sums = self.sums + losses, self.epoch_sums + losses
+        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(losses), self.step, self.bad)
+        if self.step % self.args.log_every == 0 or self.epoch_end:
+            for name, at in zip(LOSSES, self.bad.tolist()):
+                need(at < 0, f"{name} became NaN or infinite at step {at}; lower the learning rate or check the data")
+            rate = (self.step - self.line_step) / max(time.time() - self.t_line, 1e-9)
+            means, eta = (self.sums / (self.step - self.line_step)).tolist(), (self.total - self.step) / max(rate, 1e-9)
+            print(f"epoch {math.ceil(self.step / self.per_epoch)}/{self.args.epochs}  step {self.step}/{self.total}  "
+                  + "  ".join(f"{name} {v:.3f}" for name, v in zip(LOSSES, means))
+                  + f"  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            self.sums, self.line_step, self.t_line = 0, self.step, time.time()
+        self.train_seconds = time.time() - self.t_epoch  # read at an epoch's end: training only, no evaluation
+        return self.epoch_end
+
+    def save(self, row):
+        """At an epoch's end: a metrics.csv row (mean losses, speed, evaluation), then the checkpoint, atomically."""
+        self.row = {"epoch": round(self.step / self.per_epoch, 3), "step": self.step, "steps_per_s": self.epoch_n /
+                    self.train_seconds, "seconds": round(self.seconds + time.time() - self.t_start, 1),  # over resumes too
+                    **dict(zip(LOSSES, (self.epoch_sums / self.epoch_n).tolist())), **row}
+        common.append_metrics(os.path.join(self.dir, "metrics.csv"), self.row)
+        rng = {"torch": torch.get_rng_state(), "data": self.epoch_rng if self.step % self.per_epoch else self.data_gen.get_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        torch.save({"script": SCRIPT, "args": vars(self.args), "step": self.step, "seconds": self.row["seconds"], "rng": rng,
+                    "models": {k: m.state_dict() for k, m in self.nets.items()},
+                    "optims": {k: o.state_dict() for k, o in self.opts.items()}}, os.path.join(self.dir, "checkpoint.tmp"))
+        os.replace(os.path.join(self.dir, "checkpoint.tmp"), os.path.join(self.dir, "checkpoint.pt"))
+
+
+def train(args):
+    """One run: data, networks; per step train_step; per epoch an evaluation row, a checkpoint and figures."""
+    torch.manual_seed(args.seed)  # the weights and the training noise
+    data, ctx = setup(args)
+    nets, opts = build(args, data.shape)
+    run = Run(args, nets, opts)
+    for x, _ in run.batches(data):
+        if run.log(train_step(nets, opts, x, args)):  # True at each epoch's end
+            run.save(evaluate(nets, ctx, args))
+            save_figures(nets, ctx, run, args)
+    wall, n = time.time() - run.t_start, run.step - run.first
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2 ** 20:.0f} MiB" if run.device.type == "cuda" else ""
+    print(f"done: {n} steps in {wall:.1f} s ({n / max(wall, 1e-9):.2f} steps/s){peak}, run folder {run.dir}", flush=True)
+    return run.dir
+# ==================================== (end of the plumbing) ====================================
 
 
 if __name__ == "__main__":

@@ -1,14 +1,12 @@
-"""VAE-InfoGAN with an exactly unrolled GAN part: report §IV.A, Fig 14 (traversals of encoded images along
-the information-maximised latents) and Fig 15 (mean KL per latent, information-maximised vs incompressible).
+"""VAE-InfoGAN: report §IV.A, Fig. 14 (encoded images traversed along the information latents) and Fig. 15 (mean KL
+per latent, information vs incompressible). A VAE-GAN (Larsen et al. 2016) with β on its KL (Higgins et al. 2017) whose
+first --n-info latents also get InfoGAN's L_I (Chen et al. 2016: a Q head on D's body reads them from the decoded
+image), its GAN part unrolled K steps with the exact gradient (Metz et al. 2017; unrolled_infogan.py's unroll).
 
-Implements VAE-GAN (Larsen et al., "Autoencoding beyond pixels using a learned similarity metric") with
-β on the KL (Higgins et al., β-VAE), the InfoGAN information term (Chen et al.) on the first --n-info
-latents, and the GAN part unrolled K steps with the gradient through the updates (Metz et al., Unrolled GAN).
-Sprites run reported in the README (12,000 steps, 89 min on the 2-core CPU, MIG every 500 steps):
-  python vae_infogan.py --dataset sprites --k 3 --width 16 --batch-size 32 --beta 4 --lr 5e-4 --epochs 24 --epoch-steps 500
-The report's CelebA setting:  python vae_infogan.py --dataset celeba --data-root /path --epochs 10
+    python vae_infogan.py --k 0 --width 16 --batch-size 32 --beta 4 --lr 5e-4 --epochs 3 --epoch-steps 500 --lambda-info 20
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -22,491 +20,400 @@ from torch.func import functional_call
 import common
 
 SCRIPT = "vae_infogan.py"
-DEFAULT_LATENTS = {"sprites": 10, "mnist": 10, "celeba": 32}
+LOSSES = ("loss_d", "loss_g", "recon", "kl", "li")  # what train_step returns, in this order (loss_g = f_K)
+DEFAULTS = {"sprites": dict(
+    epochs=26, epoch_steps=0, batch_size=64,  # as beta_vae.py: 26 passes of 11,520 steps, disentanglement_lib's ~300,000
+    lr=2e-4, width=32,  # DCGAN's Adam learning rate (β1 = 0.5), everywhere; 32 channels first: small enough for a CPU
+    latents=10, n_info=5,  # Higgins et al.'s 10 latents for dSprites; the first 5 (one per factor) get L_I
+    k=5, beta=1.0,  # a middle K of the report's sweep; β = 1: Larsen et al.'s prior term (the report's β weighs it)
+    lambda_info=20.0)}  # 1,500 sprites steps: KL information vs rest 1.93 vs 1.46 nats; 1.82 vs 1.57 at λ = 1 (README)
+DEFAULTS["celeba"] = {**DEFAULTS["sprites"], "epochs": 10, "latents": 32}  # ours: 10 passes; faces vary in more ways
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (default: %(default)s)")
-    p.add_argument("--data-root", default="./data", help="folder holding MNIST/ or img_align_celeba/ (default: %(default)s)")
-    p.add_argument("--dataset", default="sprites", choices=("sprites", "mnist", "celeba"), help="(default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="optional cap on total training steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
-    p.add_argument("--out", default="runs", help="parent folder of the run folder (default: %(default)s)")
-    p.add_argument("--resume", default=None, help="checkpoint.pt or run folder to continue (default: %(default)s)")
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines (default: %(default)s)")
-    p.add_argument("--latents", type=int, default=None, help="latent size, information + incompressible "
-                   "(default: %s)" % ", ".join(f"{v} for {k}" for k, v in DEFAULT_LATENTS.items()))
-    p.add_argument("--n-info", type=int, default=5, help="information-maximised latents c, the first ones (default: %(default)s)")
-    p.add_argument("--k", type=int, default=5, help="unrolling steps of the discriminator, 0 = plain VAE-GAN (default: %(default)s)")
-    p.add_argument("--first-order", action="store_true", help="drop the gradient through D's updates (the common port's unroll)")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term for the encoder (default: %(default)s)")
-    # λ = 1 is InfoGAN's weight against a GAN loss of order 1; here L_I competes with reconstructions summed over
-    # pixels (100-200 nats). On sprites (β = 4, 1,500 steps) λ = 1 left the information latents closer to the prior
-    # than the rest (KL 1.33 vs 2.09 nats), the reverse of the report's Fig 15; λ = 20 gave 2.86 vs 1.96 (README).
-    p.add_argument("--lambda-info", type=float, default=20.0, help="weight λ of the information term L_I (default: %(default)s)")
-    p.add_argument("--gamma", type=float, default=1.0, help="weight γ of the reconstruction (feature + pixel terms) in the decoder's loss (default: %(default)s)")
-    p.add_argument("--feature-weight", type=float, default=1.0, help="weight of Larsen et al.'s feature-wise "
-                   "reconstruction in D's body, Dis_l (default: %(default)s)")
-    p.add_argument("--pixel-weight", type=float, default=1.0, help="weight of a pixel-wise Bernoulli reconstruction "
-                   "term added to the feature-wise one; 0 = Larsen et al.'s Dis_l term only (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of every network and of the unroll (default: %(default)s)")
-    p.add_argument("--width", type=int, default=32, help="channels of the first conv layer; later layers 2x (default: %(default)s)")
-    p.add_argument("--epoch-steps", type=int, default=None, help="cap on steps per epoch, so that metrics/figures come more "
-                   "often; one sprites pass is 737280 images (default: %(default)s = a full pass)")
-    p.add_argument("--mig-samples", type=int, default=10000, help="sprites images for MIG at each epoch end (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None, help="load at most this many celeba images (default: %(default)s = all)")
-    a = p.parse_args(argv)
-    a.latents = DEFAULT_LATENTS[a.dataset] if a.latents is None else a.latents
-    for name, lo in (("epochs", 1), ("batch_size", 2), ("log_every", 1), ("latents", 2), ("n_info", 1), ("k", 0),
-                     ("width", 1), ("mig_samples", 100)):
-        if getattr(a, name) < lo:
-            common.die(f"--{name.replace('_', '-')} must be >= {lo} (got {getattr(a, name)})")
-    for name in ("steps", "epoch_steps", "limit"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            common.die(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
-    if a.n_info >= a.latents:
-        common.die(f"--n-info must be smaller than --latents, leaving at least one incompressible latent "
-                   f"(got --n-info {a.n_info}, --latents {a.latents})")
-    for name in ("beta", "lambda_info", "gamma", "feature_weight", "pixel_weight"):
-        if not getattr(a, name) >= 0:
-            common.die(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(a, name)})")
-    if not a.lr > 0:
-        common.die(f"--lr must be > 0 (got {a.lr})")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        common.die("--device cuda but no CUDA GPU is available here; use --device cpu")
-    return a
+def add_flags(p):
+    p.add_argument("--latents", type=int, help="latent dimensions, information + incompressible (default: %(default)s)")
+    p.add_argument("--n-info", type=int, help="information latents c, the first ones (default: %(default)s)")
+    p.add_argument("--k", type=int, help="unrolling steps of D; 0 = a plain VAE-GAN generator loss (default: %(default)s)")
+    p.add_argument("--beta", type=float, help="weight β of the KL term in the encoder's loss (default: %(default)s)")
+    p.add_argument("--lambda-info", type=float, help="weight λ of the information term L_I (default: %(default)s)")
+    p.add_argument("--lr", type=float, help="Adam learning rate of every network and of the unroll (default: %(default)s)")
+    p.add_argument("--width", type=int, help="channels of the first conv; later ones 2x (default: %(default)s)")
 
 
-# ------------------------------------------------------------------------------------------------
-# Models: 64x64 (sprites, celeba) use 4 stride-2 layers in the encoder/decoder and 3 in D;
-# 28x28 MNIST a smaller net with 2 each (28 -> 14 -> 7).
-# ------------------------------------------------------------------------------------------------
-def leaky():
-    return nn.LeakyReLU(0.2)
+def check_flags(a):
+    need(1 <= a.n_info < a.latents <= 1000 and 0 <= a.k <= 100 and 1 <= a.width <= 1024, "--n-info must be in 1 to --latents - 1, "
+         f"--latents at most 1000, --k in 0-100, --width in 1-1024 (got {a.n_info}, {a.latents}, {a.k}, {a.width})")
+    need(0 <= a.beta < math.inf and 0 <= a.lambda_info < math.inf and 0 < a.lr < math.inf, "--beta and --lambda-info must be finite and >= 0, --lr > 0")
 
 
-def conv_stack(ch, widths, act, bn_first=True):
-    layers = []
-    for i, w in enumerate(widths):
-        bn = bn_first or i > 0
-        layers += [nn.Conv2d(ch, w, 4, 2, 1, bias=not bn)] + ([nn.BatchNorm2d(w)] if bn else []) + [act()]
-        ch = w
-    return nn.Sequential(*layers)
+# ---- Models for 64x64 images: 4x4 stride-2 convs, BatchNorm, LeakyReLU 0.2 (DCGAN) -------------------------------------
+def dcgan_convs(widths, first_bn=True):
+    """Convs from widths[0] channels through widths[1:], each halving the size; BatchNorm (DCGAN's D: not on the first)."""
+    return [m for i, (a, b) in enumerate(zip(widths, widths[1:]))
+            for m in (nn.Conv2d(a, b, 4, 2, 1), *([nn.BatchNorm2d(b)] if i or first_bn else []), nn.LeakyReLU(0.2))]
 
 
-class Encoder(nn.Module):
-    """x (B, ch, H, W) -> (μ, log σ²), each (B, latents)."""
+def dcgan_encoder(channels, size, latents, w):
+    """x (B, C, 64, 64) -> [μ, log σ²] (B, 2·latents): convs w, w, 2w, 2w, FC 256, FC."""
+    widths, s = (channels, w, w, 2 * w, 2 * w), size // 16
+    return nn.Sequential(*dcgan_convs(widths), nn.Flatten(), nn.Linear(widths[-1] * s * s, 256), nn.LeakyReLU(0.2),
+                         nn.Linear(256, 2 * latents))
 
-    def __init__(self, ch, size, latents, widths, act=leaky):
+
+def dcgan_decoder(channels, size, latents, w):
+    """The encoder mirrored, z (B, latents) -> image (B, C, H, W) in [0, 1]: FC 256, FC, transposed convs, sigmoid."""
+    widths, s = (2 * w, 2 * w, w, w), size // 16
+    ups = [m for a, b in zip(widths, widths[1:]) for m in (nn.ConvTranspose2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.LeakyReLU(0.2))]
+    return nn.Sequential(nn.Linear(latents, 256), nn.LeakyReLU(0.2), nn.Linear(256, widths[0] * s * s), nn.LeakyReLU(0.2),
+                         nn.Unflatten(1, (widths[0], s, s)), *ups, nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Sigmoid())
+
+
+class DCGANDiscriminator(nn.Module):
+    """Body: convs w, 2w, 2w = Dis_l; x (B, C, 64, 64) -> (D's logit (B,), Dis_l (B, F), Q's means of c (B, n_info))."""
+
+    def __init__(self, channels, size, n_info, w):
         super().__init__()
-        s = size // 2 ** len(widths)
-        self.net = nn.Sequential(conv_stack(ch, widths, act), nn.Flatten(), nn.Linear(widths[-1] * s * s, 256), act(),
-                                 nn.Linear(256, 2 * latents))
+        widths, s = (channels, w, 2 * w, 2 * w), size // 8
+        self.body = nn.Sequential(*dcgan_convs(widths, first_bn=False), nn.Flatten())
+        self.d_head = nn.Linear(widths[-1] * s * s, 1)
+        self.q_head = nn.Sequential(nn.Linear(widths[-1] * s * s, 128), nn.LeakyReLU(0.2), nn.Linear(128, n_info))
 
     def forward(self, x):
-        return self.net(x).chunk(2, dim=1)
+        h = self.body(x)
+        return self.d_head(h).squeeze(1), h, self.q_head(h)
 
 
-class Decoder(nn.Module):
-    """The VAE decoder is the GAN generator: z (B, latents) -> image (B, ch, H, W) in [0, 1] (sigmoid)."""
-
-    def __init__(self, ch, size, latents, widths, act=leaky):
-        super().__init__()
-        widths = widths[::-1]
-        self.s0, self.c0 = size // 2 ** len(widths), widths[0]
-        layers = []
-        for w_in, w_out in zip(widths, widths[1:]):
-            layers += [nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False), nn.BatchNorm2d(w_out), act()]
-        self.fc = nn.Sequential(nn.Linear(latents, 256), act(), nn.Linear(256, self.c0 * self.s0 ** 2), act())
-        self.net = nn.Sequential(*layers, nn.ConvTranspose2d(widths[-1], ch, 4, 2, 1), nn.Sigmoid())
-
-    def forward(self, z):
-        return self.net(self.fc(z).view(-1, self.c0, self.s0, self.s0))
-
-
-class Discriminator(nn.Module):
-    """D and Q share the conv body; its output is Dis_l, the layer of the feature-wise reconstruction.
-    x -> (logit (B,), Dis_l features (B, F), Q's (mean, log var) of c (B, 2 n_info))."""
-
-    def __init__(self, ch, size, n_info, widths, act=leaky):
-        super().__init__()
-        s = size // 2 ** len(widths)
-        self.body = conv_stack(ch, widths, act, bn_first=False)  # no BatchNorm on D's input layer (DCGAN)
-        self.adv = nn.Linear(widths[-1] * s * s, 1)
-        self.q = nn.Sequential(nn.Linear(widths[-1] * s * s, 128), act(), nn.Linear(128, 2 * n_info))
-
-    def forward(self, x):
-        h = self.body(x).flatten(1)
-        return self.adv(h).squeeze(1), h, self.q(h)
-
-
-def build(args, shape):
-    ch, size = shape[0], shape[1]
-    w = args.width
-    enc_w, d_w = ((w, w, 2 * w, 2 * w), (w, 2 * w, 2 * w)) if size == 64 else ((w, 2 * w), (w, 2 * w))
-    return {"enc": Encoder(ch, size, args.latents, enc_w), "dec": Decoder(ch, size, args.latents, enc_w),
-            "disc": Discriminator(ch, size, args.n_info, d_w)}
-
-
-def d_param_names(D):
-    """D's adversarial parameters (body + real/fake head); the Q head has its own optimizer with the body."""
-    return [n for n, _ in D.named_parameters() if not n.startswith("q.")]
-
-
-# ------------------------------------------------------------------------------------------------
-# Losses
-# ------------------------------------------------------------------------------------------------
-def d_loss(logit_real, logit_fake):
-    # eq. (1) as D's loss: -[log D(x) + log(1 - D(x~))], each a mean over its batch (x~: reconstructions and samples)
-    return (F.binary_cross_entropy_with_logits(logit_real, torch.ones_like(logit_real))
-            + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
-
-
-def g_loss(logit_fake):
-    # generator side of eq. (1), non-saturating -log D(x~) (mean over the batch), as GAN/VAE-GAN practice
-    # (deviation from eq. (1)'s log(1 - D), which gives vanishing gradients early on)
-    return F.binary_cross_entropy_with_logits(logit_fake, torch.ones_like(logit_fake))
+# ---- Losses and metrics ---------------------------------------------------------------------------------------------
+def d_loss(real_logit, fake_logit):
+    # eq. (1), D's side: D ascends V(D, G), i.e. descends loss_d = -V = -E_x log D(x) - E_z log(1 - D(G(z))),
+    # each E a mean over the batch
+    return (F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
+            + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit)))
 
 
 def kl_per_latent(mu, logvar):
-    # KL(N(μ, σ²) || N(0, 1)) = ½ (μ² + σ² - log σ² - 1) per latent, mean over the batch -> (latents,)
-    return 0.5 * (mu ** 2 + logvar.exp() - logvar - 1).mean(0)
+    """KL(q(z_j|x) ‖ N(0, 1)) of each latent j, mean over the batch: (L,)."""
+    # closed form for Gaussians: KL(N(μ, σ²) ‖ N(0, 1)) = ½ (μ² + σ² − log σ² − 1), mean over the batch
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).mean(0)
 
 
-def kl_split(kl_lat, n_info):
-    """Mean KL per latent of the information latents (the first n_info) and of the incompressible ones (Fig 15)."""
-    return kl_lat[:n_info].mean(), kl_lat[n_info:].mean()
+@torch.no_grad()
+def encode_posterior(enc, images, chunk=1000):
+    """μ(x), log σ²(x) (N, L) on the CPU, in chunks, the encoder in eval mode (BatchNorm's running statistics)."""
+    was, _ = enc.training, enc.eval()
+    out = torch.cat([enc(images[i:i + chunk].float()) for i in range(0, len(images), chunk)]).cpu()
+    enc.train(was)
+    return out.chunk(2, dim=1)
 
 
-def gaussian_nll(q, c):
-    # L_I of eq. (3): -log Q(c | x~) with Q a factored Gaussian (mean, log var); sum over the
-    # information latents, mean over the batch. log var clamped to >= -6 (σ >= 0.05) so L_I stays bounded.
-    mean, logvar = q.chunk(2, dim=1)
-    logvar = logvar.clamp(min=-6.0)
-    return 0.5 * (logvar + (c - mean) ** 2 / logvar.exp() + math.log(2 * math.pi)).sum(1).mean()
+# ---- The unrolled look-ahead (eqs. 8-11), as in unrolled_infogan.py: D's optimised parameters as one flat θ ---------
+TINY = 1e-30  # sqrt(v + TINY): d sqrt(v)/dv is infinite at v = 0 (a zero gradient), 0·inf = NaN in the backward
 
 
-def feature_recon(feat_real, feat_rec):
-    # VAE-GAN's L_llike^Dis_l: -log N(Dis_l(x) | Dis_l(x~), I) up to a constant, summed over the features, mean over the batch
-    return 0.5 * (feat_real - feat_rec).pow(2).sum(1).mean()
+def snapshot_d(D, opt_d):
+    """D's state as fresh tensors aliasing nothing of D or opt_d: the parameters opt_d owns as one flat θ (P,), its Adam
+    moments m, v (P,) and step, D's other parameters (detached), copies of its buffers (BatchNorm's running stats)."""
+    owned = {id(p) for group in opt_d.param_groups for p in group["params"]}
+    named = [(n, p) for n, p in D.named_parameters() if id(p) in owned]
+    states = [opt_d.state.get(p, {}) for _, p in named]
+    moment = lambda key: torch.cat([s[key].reshape(-1) if key in s else torch.zeros_like(p).reshape(-1)  # noqa: E731
+                                    for s, (_, p) in zip(states, named)])
+    return {"names": [n for n, _ in named], "shapes": [p.shape for _, p in named],
+            "theta": torch.cat([p.detach().reshape(-1) for _, p in named]), "m": moment("exp_avg"),
+            "v": moment("exp_avg_sq"),  # Adam keeps its step on the CPU (not capturable): int() costs no device sync
+            "step": int(states[0]["step"]) if "step" in states[0] else 0,
+            "fixed": {n: p.detach() for n, p in D.named_parameters() if id(p) not in owned},
+            "buffers": {n: b.clone() for n, b in D.named_buffers()}, **{k: opt_d.param_groups[0][k] for k in ("betas", "eps")}}
 
 
-def pixel_recon(x, x_rec):
-    # -log Bernoulli(x | x~) summed over pixels, mean over the batch. Deviation: Larsen et al. use the feature term
-    # alone; with it alone our CPU-budget sprites runs decoded texture noise (D won within 50 steps), so by default
-    # this pixel term is added (--pixel-weight 0 turns it off). The clamp keeps log() finite.
-    return F.binary_cross_entropy(x_rec.clamp(1e-6, 1 - 1e-6), x, reduction="sum") / x.shape[0]
+def d_forward(D, snap, theta, x):
+    """D(x) with the parameters opt_d owns taken from the flat θ (kept in the autograd graph)."""
+    sizes = [math.prod(s) for s in snap["shapes"]]
+    params = {n: t.view(s) for n, t, s in zip(snap["names"], theta.split(sizes), snap["shapes"])}
+    return functional_call(D, {**params, **snap["fixed"], **snap["buffers"]}, (x,))
 
 
-def safe_sqrt(v):
-    """sqrt with a zero (not infinite) derivative at 0: a coordinate with zero gradient gives 0·inf = NaN otherwise."""
-    pos = v > 0
-    return torch.where(pos, torch.where(pos, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+def adam_step(theta, m, v, grad, t, lr, betas, eps):
+    """One differentiable Adam update (torch.optim.Adam's arithmetic); t, the 1-based step, an int: float corrections."""
+    b1, b2 = betas
+    m = b1 * m + (1 - b1) * grad
+    v = b2 * v + (1 - b2) * grad * grad
+    denom = torch.sqrt(v / (1 - b2 ** t) + TINY) + eps
+    return theta - lr / (1 - b1 ** t) * m / denom, m, v
 
 
-def unrolled_g_loss(D, d_opt, x_real, x_fake, k, first_order=False):
-    """eq. (10): f_K(θ_G, θ_D) = f(θ_G, θ_D^K(θ_G, θ_D)), the generator's GAN loss against D after K Adam steps.
-
-    The K steps (eq. 8) run on a functional copy of D: parameters in a dict that stays in the autograd graph,
-    gradients by autograd.grad(create_graph=True), Adam started from d_opt's moments and integer step count,
-    BatchNorm buffers cloned. Back-propagating the result gives both terms of eq. (11). D, its buffers and
-    d_opt are never written: the copy is simply dropped. K = 0 is the plain GAN generator loss.
-    first_order=True: fake batch detached and updates outside the graph (drops eq. (11)'s second term)."""
-    group = d_opt.param_groups[0]
-    lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
-    live = dict(D.named_parameters())
-    names = d_param_names(D)
-    params = {n: p.detach() for n, p in live.items()}  # the Q head is not unrolled (L_I uses the live D/Q, eq. 12-13)
-    params.update({n: live[n].detach().requires_grad_() for n in names})
-    buffers = {n: b.clone() for n, b in D.named_buffers()}
-    moments = []
-    for n in names:
-        st = d_opt.state.get(live[n], {})
-        if st:
-            moments.append((st["exp_avg"].clone(), st["exp_avg_sq"].clone()))
-        else:
-            moments.append((torch.zeros_like(live[n]), torch.zeros_like(live[n])))
-    st = d_opt.state.get(live[names[0]], {})
-    step0 = st["step"].detach().double().cpu() if st else torch.zeros((), dtype=torch.float64)
-    fake_in = x_fake.detach() if first_order else x_fake
+def unroll(D, snap, x_real, x_fake, k, lr, first_order=False):
+    """eq. (8): θ_D^{k+1} = θ_D^k + η df/dθ_D^k, here K Adam steps descending loss_d = -f; returns θ_D^K. Exact:
+    θ_D^K stays a differentiable function of θ_G (through x_fake, in every step: create_graph=True), so backprop
+    through f_K gives both terms of eq. (11); first_order detaches θ_D^k and x_fake, dropping the second term."""
+    theta, m, v = snap["theta"].requires_grad_(), snap["m"], snap["v"]
+    fake = x_fake.detach() if first_order else x_fake
     for i in range(k):
-        # eq. (8): θ_D^{i+1} = θ_D^i + Adam(∇ f(θ_G, θ_D^i)), f evaluated as D's loss (descent)
-        loss = d_loss(functional_call(D, (params, buffers), (x_real,))[0], functional_call(D, (params, buffers), (fake_in,))[0])
-        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True)
-        t = step0 + i + 1
-        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t  # bias corrections from the integer step, as torch.optim.Adam
-        for j, (n, g) in enumerate(zip(names, grads)):
-            g = torch.zeros_like(params[n]) if g is None else g
-            m, v = moments[j]
-            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
-            moments[j] = (m, v)
-            new = params[n] - lr * (m / bc1.to(m)) / (safe_sqrt(v / bc2.to(v)) + eps)
-            params[n] = new.detach().requires_grad_() if first_order else new
-    return g_loss(functional_call(D, (params, buffers), (x_fake,))[0])
+        if first_order:
+            theta = theta.detach().requires_grad_()
+        loss = d_loss(d_forward(D, snap, theta, x_real)[0], d_forward(D, snap, theta, fake)[0])
+        (grad,) = torch.autograd.grad(loss, theta, create_graph=not first_order)
+        theta, m, v = adam_step(theta, m, v, grad, snap["step"] + i + 1, lr, snap["betas"], snap["eps"])
+    return theta.detach() if first_order else theta
 
 
-# ------------------------------------------------------------------------------------------------
-# Which loss updates which network (one optimizer each; d_opt and q_opt share D's conv body)
-#
-#   loss term                                   | encoder | decoder | D (body+adv head) | Q (head+body)
-#   β·KL(q(z|x) || N(0,I))                      |   yes   |         |                   |
-#   --feature-weight · L_llike^Dis_l (D's body) |   yes   |  γ·yes  |                   |
-#     + --pixel-weight · pixel Bernoulli recon  |   yes   |  γ·yes  |                   |
-#   GAN: D's loss (eq. 1), live D               |         |         |        yes        |
-#   GAN: f_K (eq. 10), unrolled D, non-sat.     |         |   yes   |                   |
-#   λ·L_I on Q(Dec(z)), live D/Q (eq. 12-13)    |   yes   |   yes   |                   |      yes
-#
-# L_I is taken on reconstructions (target: the encoder's sampled c) and prior samples (target: c ~ N(0, I));
-# the encoder gets it through the reconstruction path (its c must be recoverable from the decoded image).
-# ------------------------------------------------------------------------------------------------
-def forward(enc, dec, x):
-    """Encode, sample z (reparameterisation) and z_p ~ N(0, I), decode both in one batch."""
-    mu, logvar = enc(x)
-    z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
-    z_p = torch.randn_like(mu)
-    fakes = dec(torch.cat([z, z_p]))  # (2B, ch, H, W): reconstructions, then prior samples
-    return mu, logvar, z, z_p, fakes
+def unrolled_g_loss(D, opt_d, x_real, x_fake, k, lr, kind="ns", first_order=False):
+    """eq. (10): f_K(θ_G, θ_D) = f(θ_G, θ_D^K(θ_G, θ_D)), G's loss against D after K updates (K = 0: the plain GAN's)."""
+    snap = snapshot_d(D, opt_d)
+    theta = unroll(D, snap, x_real, x_fake, k, lr, first_order)
+    fake_logit = d_forward(D, snap, theta, x_fake)[0]
+    if kind == "saddle":  # f = V(D, G) = -loss_d, which G descends (once D is unrolled, its real term depends on θ_G too)
+        return -d_loss(d_forward(D, snap, theta, x_real)[0], fake_logit)
+    return F.binary_cross_entropy_with_logits(fake_logit, torch.ones_like(fake_logit))  # ns: -E log D(G(z)), a batch mean
 
 
-def d_call(D, x):
-    """D(x) on D's live parameters with its BatchNorm running statistics left untouched."""
-    return functional_call(D, (dict(D.named_parameters()), {n: b.clone() for n, b in D.named_buffers()}), (x,))
-
-
-def generator_step(nets, opts, x, mu, logvar, z, z_p, fakes, args):
-    """Encoder and decoder update (the unrolled look-ahead inside); D, its buffers and d_opt are left as they were."""
-    enc, dec, D = nets["enc"], nets["dec"], nets["disc"]
-    n, b = args.n_info, x.shape[0]
-    # ---- unrolled look-ahead (eq. 8-10) ----
-    loss_g = unrolled_g_loss(D, opts["disc"], x, fakes, args.k, args.first_order)
-    # ---- generator step ----
-    _, feat, q = d_call(D, torch.cat([x, fakes]))  # live D/Q: Dis_l of x and x~, and Q(c | x~)
-    recon = args.feature_weight * feature_recon(feat[:b].detach(), feat[b:2 * b]) + args.pixel_weight * pixel_recon(x, fakes[:b])
-    li = gaussian_nll(q[b:], torch.cat([z[:, :n], z_p[:, :n]]))  # eq. (12)-(13): L_I with the non-unrolled Q
-    kl_lat = kl_per_latent(mu, logvar)
-    kl = kl_lat.sum()
-    loss_enc = args.beta * kl + recon + args.lambda_info * li
-    loss_dec = args.gamma * recon + loss_g + args.lambda_info * li
-    enc_p, dec_p = list(enc.parameters()), list(dec.parameters())
-    for p, g in zip(enc_p, torch.autograd.grad(loss_enc, enc_p, retain_graph=True)):
-        p.grad = g
-    for p, g in zip(dec_p, torch.autograd.grad(loss_dec, dec_p)):
-        p.grad = g
-    opts["enc"].step()
-    opts["dec"].step()
-    return loss_g.detach(), recon.detach(), kl.detach(), li.detach(), kl_lat.detach()
-
-
+# ---- ALGO LOGIC: one training step ----------------------------------------------------------------------------------
 def train_step(nets, opts, x, args):
-    enc, dec, D = nets["enc"], nets["dec"], nets["disc"]
-    mu, logvar, z, z_p, fakes = forward(enc, dec, x)
-    # ---- discriminator step ----
-    opts["disc"].zero_grad(set_to_none=True)
+    """One step on a batch x (B, C, H, W) in [0, 1]. Returns detached (loss_d, loss_g, recon, kl, li); no host sync."""
+    enc, dec, D, b, n = nets["enc"], nets["dec"], nets["D"], x.shape[0], args.n_info
+    mu, logvar = enc(x).chunk(2, dim=1)
+    z, z_p = mu + torch.randn_like(mu) * (0.5 * logvar).exp(), torch.randn_like(mu)  # z ~ q(z|x) (reparameterised), z_p ~ N(0, I)
+    fakes = dec(torch.cat([z, z_p]))  # (2B, C, H, W): reconstructions x̃ = Dec(z), then prior samples x_p = Dec(z_p)
+
+    # ---- (1) discriminator step: loss_d = −[log D(x) + log(1 − D(fake))], the fakes both x̃ and x_p ----
     loss_d = d_loss(D(x)[0], D(fakes.detach())[0])
-    loss_d.backward()
-    opts["disc"].step()
-    loss_g, recon, kl, li, kl_lat = generator_step(nets, opts, x, mu, logvar, z, z_p, fakes, args)
-    # ---- information (Q) step ----  (Q head and the shared body, on the decoded images of this step)
-    opts["q"].zero_grad(set_to_none=True)
-    c = torch.cat([z[:, :args.n_info], z_p[:, :args.n_info]]).detach()
-    (args.lambda_info * gaussian_nll(D(fakes.detach())[2], c)).backward()
-    opts["q"].step()
-    return torch.stack([loss_d.detach(), loss_g, recon, kl, li]), kl_lat
+    opts["d"].zero_grad(set_to_none=True)
+    loss_d.backward(inputs=opts["d"].param_groups[0]["params"])
+    opts["d"].step()
+
+    # ---- (2) unrolled look-ahead, eqs. (8)-(10): f_K, the non-saturating GAN loss of both kinds of fakes against a
+    # copy of D (as this step left it) after K more differentiable Adam updates on this step's batches ----
+    loss_g = unrolled_g_loss(D, opts["d"], x, fakes, args.k, args.lr)
+
+    # ---- (3) reconstruction and information terms on the live (not unrolled) D and Q, with copies of D's BatchNorm
+    # buffers; deviation: one BatchNorm batch mixes x, x̃ and x_p (D's step keeps them apart) ----
+    _, feats, q = functional_call(D, {**dict(D.named_parameters()), **{k: t.clone() for k, t in D.named_buffers()}},
+                                  (torch.cat([x, fakes]),))
+    # Larsen et al.'s L_llike^Dis_l = −log N(Dis_l(x) | Dis_l(x̃), I), + (deviation) a pixel-wise Bernoulli −log p(x|x̃)
+    # (with Dis_l alone our CPU-scale runs decoded noise); each summed over features or pixels, a mean over the batch
+    recon = (0.5 * (feats[b:2 * b] - feats[:b].detach()).pow(2).sum() / b
+             + F.binary_cross_entropy(fakes[:b].clamp(1e-6, 1 - 1e-6), x, reduction="sum") / b)
+    kl = kl_per_latent(mu, logvar).sum()  # L_prior = KL(q(z|x) ‖ N(0, I)), summed over the latents, mean over the batch
+    # L_I, eqs. (12)-(13): −log Q(c | Dec(z)), c = the first n_info latents of z and z_p, σ FIXED at 1 (as infogan.py's
+    # li_cont): ½ Σ_c (μ_Q − c)², a mean over the 2B fakes. c is DETACHED: the encoder gets L_I only through the decoded
+    # image (attached, L_I could fall by shrinking the information latents' σ, which raises their KL by itself)
+    li = 0.5 * (q[b:] - torch.cat([z, z_p])[:, :n].detach()).pow(2).sum(1).mean()
+
+    # ---- (4) encoder step: β·L_prior + recon + λ·L_I; decoder (generator) and Q head step: recon + f_K + λ·L_I,
+    # whose backprop through f_K gives eq. (11), both terms. D's body, Q's body too, is trained by D's step only ----
+    opts["enc"].zero_grad(set_to_none=True), opts["dec"].zero_grad(set_to_none=True)
+    (args.beta * kl + recon + args.lambda_info * li).backward(inputs=list(enc.parameters()), retain_graph=True)
+    (recon + loss_g + args.lambda_info * li).backward(inputs=opts["dec"].param_groups[0]["params"])
+    opts["enc"].step(), opts["dec"].step()
+    return torch.stack([loss_d, loss_g, recon, kl, li]).detach()
 
 
-# ------------------------------------------------------------------------------------------------
-# MIG (Chen et al. 2018), disentanglement_lib style: encoder means discretised in 20 equal-width bins per latent
-# ------------------------------------------------------------------------------------------------
-def discretize(codes, bins=20):
-    """(N, L) -> (N, L) bin indices in [0, bins): np.digitize(x, np.histogram(x, bins)[1][:-1]) - 1."""
-    lo, hi = codes.min(0).values, codes.max(0).values
-    return ((codes - lo) / (hi - lo).clamp_min(1e-12) * bins).floor().long().clamp(0, bins - 1)
+# ---- Setup, evaluation, figures -------------------------------------------------------------------------------------
+def build(args, shape):
+    """Encoder, decoder, D with Q's head; three Adams (β1 = 0.5): "d" owns D's body and head, "dec" the decoder and Q's head."""
+    c, size, device = shape[0], shape[1], torch.device(args.device)
+    enc, dec = (f(c, size, args.latents, args.width).to(device) for f in (dcgan_encoder, dcgan_decoder))
+    D = DCGANDiscriminator(c, size, args.n_info, args.width).to(device)
+    adam = lambda params: torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.999))  # noqa: E731
+    opts = {"enc": adam(enc.parameters()), "dec": adam([*dec.parameters(), *D.q_head.parameters()]),
+            "d": adam([*D.body.parameters(), *D.d_head.parameters()])}
+    return {"enc": enc, "dec": dec, "D": D}, opts
 
 
-def mutual_info(a, b):
-    """I(a; b) in nats of two discrete (N,) int samples (sklearn's mutual_info_score)."""
-    na, nb = int(a.max()) + 1, int(b.max()) + 1
-    joint = torch.bincount(a * nb + b, minlength=na * nb).view(na, nb).double() / a.numel()
-    outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
-    nz = joint > 0
-    return (joint[nz] * (joint[nz] / outer[nz]).log()).sum()
+def setup(args):
+    """Images in [0, 1] (the decoder's sigmoid); fixed images for the KL (2,000 sprites or 1,000 photos); 64 prior samples."""
+    data, g = common.load_data(args.dataset, args.data_root, torch.device(args.device)), torch.Generator().manual_seed(args.seed)
+    x = data.eval_set(2000)[0] if args.dataset == "sprites" else data.batch(torch.randperm(len(data), generator=g)[:1000])[0]
+    return data, {"x": x, "z": torch.randn(64, args.latents, generator=g).to(args.device)}
 
 
-def mig(codes, factors, bins=20):
-    """MIG = mean over factors k of (I(z_j*; v_k) - I(z_j°; v_k)) / H(v_k) (top two latents). Returns (MIG, MI (L, K))."""
-    d, f = discretize(codes, bins).cpu(), factors.cpu()
-    mi = torch.stack([torch.stack([mutual_info(d[:, j], f[:, k]) for k in range(f.shape[1])]) for j in range(d.shape[1])])
-    h = torch.stack([mutual_info(f[:, k], f[:, k]) for k in range(f.shape[1])])
-    top = mi.sort(0, descending=True).values
-    gap = top[0] - (top[1] if top.shape[0] > 1 else 0)
-    return float((gap / h).mean()), mi
+def evaluate(nets, ctx, args):
+    """Each latent's KL on the fixed images, and its mean over the information and the incompressible latents (Fig. 15)."""
+    kl = kl_per_latent(*encode_posterior(nets["enc"], ctx["x"]))
+    return {**{f"kl_z{j}": v for j, v in enumerate(kl.tolist())}, "kl_info": float(kl[:args.n_info].mean()),
+            "kl_rest": float(kl[args.n_info:].mean())}
 
 
 @torch.no_grad()
-def encode_means(enc, x, chunk=500):
-    enc.eval()
-    mu = torch.cat([enc(x[i:i + chunk])[0] for i in range(0, len(x), chunk)])
-    enc.train()
-    return mu
-
-
-# ------------------------------------------------------------------------------------------------
-# Figures
-# ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def save_figures(nets, fixed, run, args, offsets=torch.linspace(-3, 3, 10)):
-    enc, dec = nets["enc"], nets["dec"]
-    enc.eval(), dec.eval()
-    x, n_show = fixed["x"], 3
-    mu = enc(x)[0]
-    rows, labels = [], []
-    for i in range(n_show):  # Fig 14: image i, info latent j moved from its encoded value by the offsets
-        for j in range(args.n_info):
-            z = mu[i].repeat(len(offsets), 1)
-            z[:, j] += offsets.to(z)
-            rows.append(torch.cat([x[i:i + 1], dec(z)]))
-            labels.append(f"img{i + 1} c{j + 1}")
-    common.save_grid(torch.cat(rows), os.path.join(run, "fig14_traversals.png"), nrow=len(offsets) + 1, row_labels=labels,
-                     col_labels=["input"] + [f"{float(v):+.1f}" for v in offsets], xlabel="offset from the encoded value",
-                     title="Fig 14: one information latent varied per row")
-    common.save_grid(torch.cat([x, dec(mu)]), os.path.join(run, "reconstructions.png"), nrow=len(x),
-                     row_labels=["input", "recon"], title="reconstructions Dec(μ(x))")
-    common.save_grid(dec(fixed["z"]), os.path.join(run, "samples.png"), nrow=8, title="samples Dec(z), z ~ N(0, I)")
+def save_figures(nets, ctx, run, args):
+    """fig14_traversals.png, fig15_kl_per_latent.png, reconstructions.png, samples.png, losses.png."""
+    enc, dec, path, x = nets["enc"], nets["dec"], lambda name: os.path.join(run.dir, name), ctx["x"][:8].float()  # noqa: E731
+    enc.eval(), dec.eval()  # BatchNorm's running statistics
+    mu = enc(x).chunk(2, dim=1)[0]
+    common.save_grid(torch.cat([x, dec(mu)]), path("reconstructions.png"), nrow=8, row_labels=["real", "recon"], title=f"step {run.step}")
+    common.save_grid(dec(ctx["z"]), path("samples.png"), nrow=8, title=f"VAE-InfoGAN prior samples, step {run.step}")
+    values, n = torch.linspace(-3, 3, 9), args.n_info  # Fig. 14: row (i, j) moves information latent j of image i
+    z = mu[:3, None, None] + torch.eye(args.latents, device=mu.device)[:n, None] * values.to(mu.device)[:, None]  # (3, n, 9, L)
+    common.save_traversal(dec(z.flatten(0, 2)).view(3 * n, 9, *x.shape[1:]), path("fig14_traversals.png"), values,
+                          row_labels=[f"img{i} z{j}" for i in range(3) for j in range(n)],
+                          xlabel="offset from μ_j", title=f"VAE-InfoGAN: information latents ±3 around μ(image), step {run.step}")
     enc.train(), dec.train()
-    csv = os.path.join(run, "metrics.csv")
-    common.plot_metrics(csv, ["kl_info", "kl_rest"], os.path.join(run, "fig15_kl_per_latent.png"), x="step",
-                        title="Fig 15: mean KL per latent", ylabel="KL per latent (nats)")
-    common.plot_metrics(csv, ["loss_d", "loss_g", "li"], os.path.join(run, "losses.png"), title="GAN and Q losses")
-    if args.dataset == "sprites":
-        common.plot_metrics(csv, ["mig_info", "mig_all"], os.path.join(run, "mig.png"), x="step", title="MIG", ylabel="MIG")
-
-
-# ------------------------------------------------------------------------------------------------
-def load_checkpoint(path, args):
-    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    try:
-        ckpt = torch.load(path, map_location=args.device, weights_only=False)
-        assert isinstance(ckpt, dict)
-    except Exception as e:
-        common.die(f"{path} is not a checkpoint ({type(e).__name__})")
-    if ckpt.get("script") != SCRIPT:
-        common.die(f"{path} is a checkpoint of {ckpt.get('script')}, not of {SCRIPT}")
-    for flag in ("dataset", "latents", "n_info", "width"):
-        if ckpt["args"].get(flag) != getattr(args, flag):
-            common.die(f"{path} was trained with --{flag.replace('_', '-')} {ckpt['args'].get(flag)}, "
-                       f"not {getattr(args, flag)}")
-    return path, ckpt
+    common.plot_metrics(path("metrics.csv"), ["kl_info", "kl_rest"], path("fig15_kl_per_latent.png"), x="step",
+                        ylabel="KL per latent (nats)", title="mean KL per latent: information vs incompressible latents")
+    common.plot_metrics(path("metrics.csv"), list(LOSSES), path("losses.png"), x="step", logy=True, title="VAE-InfoGAN losses")
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    # ---- seeding ----
-    torch.manual_seed(args.seed)
-    data_gen = torch.Generator().manual_seed(args.seed)  # data order
-    device = torch.device(args.device)
+    train(parse_args(argv))
 
-    data = common.load_data(args.dataset, args.data_root, device, image_size=64, limit=args.limit)
-    if len(data) < args.batch_size:
-        common.die(f"--batch-size {args.batch_size} is larger than the dataset ({len(data)} images)")
-    nets = {k: v.to(device) for k, v in build(args, data.shape).items()}
-    D = nets["disc"]
-    adam = lambda ps: torch.optim.Adam(ps, lr=args.lr, betas=(0.5, 0.999))
-    opts = {"enc": adam(nets["enc"].parameters()), "dec": adam(nets["dec"].parameters()),
-            "disc": adam([p for n, p in D.named_parameters() if n in d_param_names(D)]),
-            "q": adam([p for n, p in D.named_parameters() if not n.startswith("adv.")])}
-    g = torch.Generator().manual_seed(args.seed + 1)  # fixed figure images and noise, chosen once
-    fixed = {"x": data.batch(torch.randperm(len(data), generator=g)[:8].to(device))[0],
-             "z": torch.randn(64, args.latents, generator=g).to(device)}
-    step, epoch = 0, 0
-    if args.resume:
-        path, ckpt = load_checkpoint(args.resume, args)
-        try:
-            for k, m in nets.items():
-                m.load_state_dict(ckpt["models"][k])
-            for k, o in opts.items():
-                o.load_state_dict(ckpt["optims"][k])
-        except (RuntimeError, ValueError, KeyError) as e:
-            common.die(f"{path} does not fit these networks (check --width/--latents/--n-info): {str(e).splitlines()[0]}")
-        step, epoch, fixed = ckpt["step"], ckpt["epoch"], ckpt["fixed"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        data_gen.set_state(ckpt["rng"]["data"])
-        run = os.path.dirname(os.path.abspath(path))
-    else:
-        run = os.path.join(args.out, f"vae_infogan__{args.dataset}__k{args.k}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(run, exist_ok=True)
-        with open(os.path.join(run, "config.json"), "w") as f:
-            dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-            json.dump({**vars(args), "torch": torch.__version__, "device_name": dev_name}, f, indent=1)
-    print(f"run folder {run}")
-    eval_x, eval_f = data.eval_set(args.mig_samples, seed=0) if args.dataset == "sprites" else (None, None)
 
-    per_epoch = min(len(data) // args.batch_size, args.epoch_steps or 10 ** 12)
-    total = min(args.epochs * per_epoch, args.steps or 10 ** 12)
-    names = ["loss_d", "loss_g", "recon", "kl", "li"]
-    hist = torch.zeros(args.log_every, len(names), device=device)
-    t_start, t_log, step_log, stop = time.time(), time.time(), step, step >= total
-    while epoch < args.epochs and not stop:
-        epoch += 1
-        sums, n_ep, t_ep = torch.zeros(len(names) + args.latents, device=device), 0, time.time()
-        for i, (x, _) in enumerate(data.epoch(args.batch_size, data_gen)):
-            if i >= per_epoch:
-                break
-            losses, kl_lat = train_step(nets, opts, x, args)
-            hist[step % args.log_every] = losses
-            sums += torch.cat([losses, kl_lat])
-            step, n_ep = step + 1, n_ep + 1
-            stop = step >= total
-            if step % args.log_every == 0 or stop or i == per_epoch - 1:
-                filled = hist[:min(step, args.log_every)]
-                bad = ~torch.isfinite(filled)
-                if bad.any():
-                    row, col = [int(v) for v in bad.nonzero()[0]]
-                    at = step - ((step - 1 - row) % args.log_every)  # the latest step written to that row
-                    common.die(f"{names[col]} became {float(filled[row, col])} at step {at}; "
-                               "lower the learning rate or check the data")
-                now = time.time()
-                sps = (step - step_log) / max(now - t_log, 1e-9)
-                t_log, step_log = now, step
-                means = "  ".join(f"{k} {v:.3f}" for k, v in zip(names, filled.mean(0).tolist()))
-                eta = (total - step) / max(sps, 1e-9)
-                print(f"epoch {epoch}/{args.epochs}  step {step}/{total}  {means}  |  {sps:.2f} steps/s  "
-                      f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-            if stop:
-                break
-        # ---- epoch end: metrics, MIG, figures, checkpoint ----
-        m = (sums / max(n_ep, 1)).tolist()
-        kl_info, kl_rest = kl_split(torch.tensor(m[len(names):]), args.n_info)
-        row = {"epoch": epoch, "step": step, "seconds": round(time.time() - t_start, 1),
-               "steps_per_s": n_ep / max(time.time() - t_ep, 1e-9), **dict(zip(names, m)),
-               "kl_info": float(kl_info), "kl_rest": float(kl_rest),
-               **{f"kl_z{j}": v for j, v in enumerate(m[len(names):])}}
-        if args.dataset == "sprites":
-            mu = encode_means(nets["enc"], eval_x)
-            row["mig_info"], mi = mig(mu[:, :args.n_info], eval_f)
-            row["mig_all"], mi = mig(mu, eval_f)
-            h = torch.stack([mutual_info(eval_f[:, k].cpu(), eval_f[:, k].cpu()) for k in range(5)])
-            lines = [f"epoch {epoch} step {step}: MIG info {row['mig_info']:.4f}, all {row['mig_all']:.4f}",
-                     "latent  factor(max MI)  MI/H(v) for " + " ".join(f"{f:>11s}" for f in common.Sprites.FACTORS)]
-            for j in range(args.latents):
-                kind = "c" if j < args.n_info else "n"
-                lines.append(f"z{j} ({kind})  {common.Sprites.FACTORS[int(mi[j].argmax())]:>14s}  "
-                             + " ".join(f"{float(v):11.3f}" for v in mi[j] / h))
-            with open(os.path.join(run, "factors.txt"), "w") as f:
-                f.write("\n".join(lines) + "\n")
-            print("\n".join(lines[:2] + lines[2:2 + args.n_info]))
-        common.append_metrics(os.path.join(run, "metrics.csv"), row)
-        save_figures(nets, fixed, run, args)
-        ckpt = {"script": SCRIPT, "args": vars(args), "models": {k: v.state_dict() for k, v in nets.items()},
-                "optims": {k: o.state_dict() for k, o in opts.items()}, "step": step, "epoch": epoch, "fixed": fixed,
-                "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()}}
-        torch.save(ckpt, os.path.join(run, "checkpoint.tmp"))
-        os.replace(os.path.join(run, "checkpoint.tmp"), os.path.join(run, "checkpoint.pt"))
-    wall = time.time() - t_start
-    mem = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB" if device.type == "cuda" else ""
-    print(f"done: {step} steps in {wall:.1f} s ({step / max(wall, 1e-9):.2f} steps/s){mem}, run folder {run}")
+# ================================================================================================
+# PLUMBING — the same text in every script (a test checks it); a reader beside the report may skip it. The shared
+# flags; a run's folder, checkpoint, resume, data order, progress line and NaN check; the loop that calls the hooks.
+RUN_FLAGS = ("device", "data_root", "epochs", "steps", "out", "resume", "log_every")  # may change on --resume
+
+
+def parse_args(argv=None):
+    """The shared flags, then the script's own (add_flags), with the defaults of DEFAULTS[--dataset]."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", choices=tuple(DEFAULTS), default=tuple(DEFAULTS)[0])
+    dataset = pre.parse_known_args(argv)[0].dataset
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=f"(defaults of --dataset {dataset})")
+    p.add_argument("--dataset", choices=tuple(DEFAULTS), help="training data (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw or img_align_celeba (default: %(default)s)")
+    p.add_argument("--out", default="runs", help="parent folder of the run folder (default: %(default)s)")
+    p.add_argument("--resume", help="checkpoint.pt or run folder to continue (default: none)")
+    numbers = (("seed", 1, 0, 2 ** 31, "seed of the weights, data order and noise"), ("epochs", None, 1, 10 ** 6, "training epochs"),
+               ("epoch-steps", None, 0, 10 ** 9, "steps per epoch, 0 = a pass over the data; metrics, figures, checkpoint "
+                "at each epoch's end"), ("steps", None, 1, 10 ** 9, "stop after this many steps in all; none = no cap"),
+               ("batch-size", None, 2, 4096, "samples per step"), ("log-every", 100, 1, 10 ** 9, "steps between progress lines"))
+    for flag, default, _, _, text in numbers:
+        p.add_argument("--" + flag, type=int, default=default, help=text + " (default: %(default)s)")
+    add_flags(p)
+    p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
+    args = p.parse_args(argv)
+    for flag, _, low, high, _ in numbers:
+        value = getattr(args, flag.replace("-", "_"))
+        need(value is None or low <= value <= high, f"--{flag} must be between {low} and {high} (got {value})")
+    need(args.device in ("cpu", "cuda") or args.device[5:].isdigit() and args.device.startswith("cuda:"),
+         f"--device {args.device} is not a device here; use cpu or cuda")
+    need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA GPU is available here; use --device cpu")
+    need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
+    check_flags(args)
+    return args
+
+
+def need(ok, message):
+    """Stop with a one-line error (no traceback) unless ok."""
+    if not ok:
+        common.die(message)
+
+
+def load_checkpoint(args):
+    """A checkpoint of this script with the same experiment flags, loaded without running any code in it."""
+    path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
+    try:  # weights_only: tensors, numbers, strings and containers of them; a pickle that would run code is refused
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
+    need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT, f"{path} is not a checkpoint of {SCRIPT}")
+    need(all(key in ckpt for key in ("args", "step", "seconds", "models", "optims", "rng")), f"{path} is not a complete checkpoint")
+    for flag in sorted(set(vars(args)) | set(ckpt["args"])):
+        need(flag in RUN_FLAGS or vars(args).get(flag) == ckpt["args"].get(flag), f"--{flag.replace('_', '-')} is "
+             f"{vars(args).get(flag)} but {path} was trained with {ckpt['args'].get(flag)}; resume with the same value")
+    return path, ckpt
+
+
+class Run:
+    """One run's folder (config.json, metrics.csv, checkpoint.pt), its data order, resume (bit for bit from
+    where the last checkpoint stopped), progress lines and NaN check."""
+
+    def __init__(self, args, nets, opts):
+        self.args, self.nets, self.opts, self.device = args, nets, opts, torch.device(args.device)
+        self.step, self.seconds, self.data_gen = 0, 0.0, torch.Generator().manual_seed(args.seed)
+        if args.resume:
+            path, ckpt = load_checkpoint(args)
+            try:
+                for part, group in (("models", nets), ("optims", opts)):
+                    for name, module in group.items():
+                        module.load_state_dict(ckpt[part][name])
+                torch.set_rng_state(ckpt["rng"]["torch"])
+                self.data_gen.set_state(ckpt["rng"]["data"])
+                if self.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+                    torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                common.die(f"{path} does not fit these networks ({type(e).__name__}); resume with the flags it was made with")
+            self.dir, self.step, self.seconds = os.path.dirname(os.path.abspath(path)), ckpt["step"], ckpt["seconds"]
+            common.truncate_metrics(os.path.join(self.dir, "metrics.csv"), self.step)
+        else:
+            k = f"__k{args.k}{'-first-order' * vars(args).get('first_order', False)}" if "k" in vars(args) else ""
+            self.dir = os.path.join(args.out, f"{SCRIPT[:-3]}__{args.dataset}{k}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                os.makedirs(self.dir)
+                with open(os.path.join(self.dir, "config.json"), "w") as f:
+                    json.dump({**vars(args), "torch": torch.__version__, "device_name": torch.cuda.get_device_name(
+                        self.device) if self.device.type == "cuda" else "cpu"}, f, indent=1)
+            except OSError as e:
+                common.die(f"cannot write the run folder {self.dir} ({e.strerror}); choose another --out")
+        print(f"run folder {self.dir} ({f'resumed at step {self.step}' if args.resume else 'new run'})", flush=True)
+        self.first, self.t_start = self.step, time.time()
+
+    def batches(self, data):
+        """The training batches, epoch after epoch, from where a resumed run stopped to --epochs or --steps."""
+        full = data.steps_per_epoch(self.args.batch_size)
+        self.per_epoch = min(full, self.args.epoch_steps or full)
+        need(self.per_epoch > 0, f"--batch-size {self.args.batch_size} is larger than the training set")
+        self.total = min(self.args.epochs * self.per_epoch, self.args.steps or 10 ** 18)
+        self.bad = torch.full((len(LOSSES),), -1, device=self.device)  # the first step at which a loss was not finite
+        while self.step < self.total:
+            self.epoch_rng = self.data_gen.get_state()  # this epoch's order is drawn from it (saved for resume)
+            self.sums = self.epoch_sums = self.epoch_n = 0
+            self.line_step, self.t_line, self.t_epoch, skip = self.step, time.time(), time.time(), self.step % self.per_epoch
+            for i, batch in enumerate(itertools.islice(data.epoch(self.args.batch_size, self.data_gen), self.per_epoch)):
+                if i >= skip:
+                    self.epoch_end = i + 1 == self.per_epoch or self.step + 1 == self.total
+                    yield batch
+                    if self.step == self.total:
+                        return
+
+    def log(self, losses):
+        """Count a step and add its losses (a 1-d tensor; no host sync). Every --log-every steps and at an
+        epoch's end: stop if a loss was not finite, print a progress line. Returns True at an epoch's end."""
+        self.step, self.epoch_n = self.step + 1, self.epoch_n + 1
+        self.sums, self.epoch_sums = self.sums + losses, self.epoch_sums + losses
+        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(losses), self.step, self.bad)
+        if self.step % self.args.log_every == 0 or self.epoch_end:
+            for name, at in zip(LOSSES, self.bad.tolist()):
+                need(at < 0, f"{name} became NaN or infinite at step {at}; lower the learning rate or check the data")
+            rate = (self.step - self.line_step) / max(time.time() - self.t_line, 1e-9)
+            means, eta = (self.sums / (self.step - self.line_step)).tolist(), (self.total - self.step) / max(rate, 1e-9)
+            print(f"epoch {math.ceil(self.step / self.per_epoch)}/{self.args.epochs}  step {self.step}/{self.total}  "
+                  + "  ".join(f"{name} {v:.3f}" for name, v in zip(LOSSES, means))
+                  + f"  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            self.sums, self.line_step, self.t_line = 0, self.step, time.time()
+        self.train_seconds = time.time() - self.t_epoch  # read at an epoch's end: training only, no evaluation
+        return self.epoch_end
+
+    def save(self, row):
+        """At an epoch's end: a metrics.csv row (mean losses, speed, evaluation), then the checkpoint, atomically."""
+        self.row = {"epoch": round(self.step / self.per_epoch, 3), "step": self.step, "steps_per_s": self.epoch_n /
+                    self.train_seconds, "seconds": round(self.seconds + time.time() - self.t_start, 1),  # over resumes too
+                    **dict(zip(LOSSES, (self.epoch_sums / self.epoch_n).tolist())), **row}
+        common.append_metrics(os.path.join(self.dir, "metrics.csv"), self.row)
+        rng = {"torch": torch.get_rng_state(), "data": self.epoch_rng if self.step % self.per_epoch else self.data_gen.get_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        torch.save({"script": SCRIPT, "args": vars(self.args), "step": self.step, "seconds": self.row["seconds"], "rng": rng,
+                    "models": {k: m.state_dict() for k, m in self.nets.items()},
+                    "optims": {k: o.state_dict() for k, o in self.opts.items()}}, os.path.join(self.dir, "checkpoint.tmp"))
+        os.replace(os.path.join(self.dir, "checkpoint.tmp"), os.path.join(self.dir, "checkpoint.pt"))
+
+
+def train(args):
+    """One run: data, networks; per step train_step; per epoch an evaluation row, a checkpoint and figures."""
+    torch.manual_seed(args.seed)  # the weights and the training noise
+    data, ctx = setup(args)
+    nets, opts = build(args, data.shape)
+    run = Run(args, nets, opts)
+    for x, _ in run.batches(data):
+        if run.log(train_step(nets, opts, x, args)):  # True at each epoch's end
+            run.save(evaluate(nets, ctx, args))
+            save_figures(nets, ctx, run, args)
+    wall, n = time.time() - run.t_start, run.step - run.first
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2 ** 20:.0f} MiB" if run.device.type == "cuda" else ""
+    print(f"done: {n} steps in {wall:.1f} s ({n / max(wall, 1e-9):.2f} steps/s){peak}, run folder {run.dir}", flush=True)
+    return run.dir
+# ==================================== (end of the plumbing) ====================================
 
 
 if __name__ == "__main__":
