@@ -1,4 +1,4 @@
-"""Speed benchmark (issue 6): steps/s, images/s and peak memory of each script's training step.
+"""Speed benchmark: steps/s, images/s and peak memory of each script's training step.
 
 Each case runs the real script in a subprocess for 2·N steps with a progress line every N steps; the last
 line's steps/s (measured over that interval only) is the warm speed, so start-up, data loading, the first
@@ -19,18 +19,24 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# (name, script, batch size, extra flags)
+# (name, script, batch size, extra flags): each script at its defaults (the papers' widths), and the lab scale
 CASES = [
-    ("infogan", "infogan.py", 64, ["--dataset", "mnist"]),
-    ("unrolled_infogan k0", "unrolled_infogan.py", 64, ["--dataset", "mnist", "--k", "0"]),
-    ("unrolled_infogan k5", "unrolled_infogan.py", 64, ["--dataset", "mnist", "--k", "5"]),
-    ("unrolled_infogan k10", "unrolled_infogan.py", 64, ["--dataset", "mnist", "--k", "10"]),
-    ("unrolled_infogan k10 first-order", "unrolled_infogan.py", 64, ["--dataset", "mnist", "--k", "10", "--first-order"]),
-    ("unrolled_infogan ring k0", "unrolled_infogan.py", 512, ["--dataset", "ring", "--k", "0", "--n-cat", "0", "--n-cont", "0"]),
-    ("unrolled_infogan ring k10", "unrolled_infogan.py", 512, ["--dataset", "ring", "--k", "10", "--n-cat", "0", "--n-cont", "0"]),
+    ("infogan", "infogan.py", 64, []),
+    ("unrolled_infogan k0", "unrolled_infogan.py", 64, ["--k", "0"]),
+    ("unrolled_infogan k5", "unrolled_infogan.py", 64, ["--k", "5"]),
+    ("unrolled_infogan k10", "unrolled_infogan.py", 64, ["--k", "10"]),
+    ("unrolled_infogan k10 first-order", "unrolled_infogan.py", 64, ["--k", "10", "--first-order"]),
+    ("lab infogan", "infogan.py", 64, ["--width", "0.25"]),
+    ("lab unrolled_infogan k0", "unrolled_infogan.py", 64, ["--k", "0", "--width", "0.25"]),
+    ("lab unrolled_infogan k5", "unrolled_infogan.py", 64, ["--k", "5", "--width", "0.25"]),
+    ("lab unrolled_infogan k7", "unrolled_infogan.py", 64, ["--k", "7", "--width", "0.25"]),
+    ("lab unrolled_infogan k10", "unrolled_infogan.py", 64, ["--k", "10", "--width", "0.25"]),
+    ("lab unrolled_infogan k10 first-order", "unrolled_infogan.py", 64, ["--k", "10", "--first-order", "--width", "0.25"]),
+    ("unrolled_infogan ring k0", "unrolled_infogan.py", 512, ["--dataset", "ring", "--k", "0"]),
+    ("unrolled_infogan ring k10", "unrolled_infogan.py", 512, ["--dataset", "ring", "--k", "10"]),
     ("beta_vae sprites", "beta_vae.py", 64, ["--dataset", "sprites"]),
-    ("vae_gan sprites", "vae_gan.py", 64, ["--dataset", "sprites"]),
-    ("vae_infogan sprites k5", "vae_infogan.py", 64, ["--dataset", "sprites", "--k", "5"]),
+    ("vae_gan sprites (width 0.125)", "vae_gan.py", 32, ["--dataset", "sprites", "--width", "0.125"]),
+    ("vae_infogan sprites k3 (width 16)", "vae_infogan.py", 32, ["--dataset", "sprites", "--k", "3", "--width", "16"]),
 ]
 
 
@@ -51,20 +57,21 @@ def run_case(script, batch, flags, args, out_dir):
     return (float(rates[-1]) if rates else None), f"{mem}; {time.time() - t0:.0f} s wall"
 
 
-def count_ops(k, first_order, device):
+def count_ops(k, first_order, device, width=1.0):
     """What bounds eager speed on a GPU: the aten calls one unrolled_infogan.py MNIST step dispatches (nested calls
     included), counted with torch.profiler on random images of batch 64, after two warm-up steps."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     import unrolled_infogan as U
-    args = U.parse_args(["--k", str(k), "--device", device] + (["--first-order"] if first_order else []))
+    args = U.parse_args(["--k", str(k), "--device", device, "--width", str(width)] + (["--first-order"] if first_order else []))
+    args.k = k
     torch.manual_seed(0)
-    G, D, opt_d, opt_g = U.build(args, device)  # the script's own MNIST models and optimizers, default flags
+    nets, opts = U.build(args, (1, 28, 28))  # the script's own MNIST models and optimizers, default flags
     x = torch.rand(64, 1, 28, 28, device=device) * 2 - 1
     for _ in range(2):
-        U.train_step(G, D, opt_d, opt_g, x, [x] * k, k, args)
+        U.train_step(nets, opts, x, args)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        U.train_step(G, D, opt_d, opt_g, x, [x] * k, k, args)
+        U.train_step(nets, opts, x, args)
     events = prof.key_averages()
     heavy = ("aten::addmm", "aten::mm", "aten::bmm", "aten::convolution", "aten::convolution_backward")
     return sum(e.count for e in events if e.key.startswith("aten::")), sum(e.count for e in events if e.key in heavy)

@@ -1,9 +1,13 @@
-"""Tests: smoke runs of every script on tiny data in the real on-disk formats, and checks of the math.
+"""Tests: every script run end to end on tiny data in the real on-disk formats, what the shared plumbing
+promises (resume bit for bit, one-line errors, checkpoints that cannot run code, no host traffic inside a
+training step), and the math: finite-difference checks of the unrolled gradient, state restored bit for
+bit, metrics on inputs whose answer is known.
 
 Run with:  python -m pytest -q test_smoke.py
 The data is made here (a tiny MNIST in the IDX format torchvision reads, a folder of tiny JPEGs in the
-CelebA layout); nothing is downloaded and ../shared is never read.
+CelebA layout); nothing is downloaded and nothing outside this folder is read.
 """
+import ast
 import copy
 import itertools
 import math
@@ -17,21 +21,26 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import beta_vae
 import common
+import evaluation
 import infogan
 import unrolled_infogan as ui
 import vae_gan
 import vae_infogan as vi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(1)  # the tests' own arithmetic is tiny; one thread per process keeps two cores free of contention
 
 
 # ------------------------------------------------------------------------------------------------
-# Tiny data in the real formats
+# Tiny data in the real formats, and helpers
 # ------------------------------------------------------------------------------------------------
 def write_idx(path, array, magic):
     """Write a uint8 tensor in the IDX format (big-endian header: magic, then one int per dimension)."""
@@ -59,26 +68,36 @@ def make_mnist(root, n_train=256, n_test=128, seed=0):
 
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory):
-    """Path of a data root holding a tiny MNIST (256 train, 128 test) in the IDX format."""
-    return make_mnist(str(tmp_path_factory.mktemp("mnist")))
+    """A data root holding a tiny MNIST (256 train, 128 test) in the IDX format, and its digit classifier."""
+    root = make_mnist(str(tmp_path_factory.mktemp("mnist")))
+    evaluation.load_classifier(root, "cpu", steps=4)  # cached beside the data, as a real run would leave it
+    return root
 
 
 @pytest.fixture(scope="session")
 def tiny_celeba(tmp_path_factory):
-    """Path of a data root holding 12 small JPEGs in the CelebA layout (ROOT/img_align_celeba/)."""
+    """A data root holding 24 small random JPEGs in the CelebA layout (ROOT/img_align_celeba/*.jpg)."""
     root = tmp_path_factory.mktemp("celeba")
-    folder = root / "img_align_celeba"
-    folder.mkdir()
+    (root / "img_align_celeba").mkdir()
     g = torch.Generator().manual_seed(0)
-    for i in range(12):
+    for i in range(24):
         img = (torch.rand(40, 32, 3, generator=g) * 255).to(torch.uint8)
-        PIL.Image.fromarray(img.numpy()).save(folder / f"{i + 1:06d}.jpg")
+        PIL.Image.fromarray(img.numpy()).save(root / "img_align_celeba" / f"{i + 1:06d}.jpg")
     return str(root)
+
+
+def run(module, out, *argv):
+    """Run a script in this process on the CPU with --out out; return its new run folder (None if it made none)."""
+    before = set(os.listdir(out)) if os.path.isdir(out) else set()
+    module.main([str(a) for a in (*argv, "--device", "cpu", "--out", out)])
+    new = set(os.listdir(out)) - before
+    assert len(new) <= 1
+    return os.path.join(out, new.pop()) if new else None
 
 
 def run_script(script, *args, cwd, expect_rc=0, timeout=600):
     """Run a script of this project in a subprocess on the CPU; return the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if expect_rc is not None:
@@ -88,16 +107,25 @@ def run_script(script, *args, cwd, expect_rc=0, timeout=600):
 
 def one_line_error(proc):
     """Assert a run failed with exactly one line on stderr that starts with 'error:' (no traceback)."""
-    assert proc.returncode != 0
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     return lines[0]
 
 
+def error_of(module, *argv):
+    """The one-line message module.main stops with (in this process: faster than a subprocess per case)."""
+    with pytest.raises(SystemExit) as e:
+        module.main([str(a) for a in argv])
+    msg = str(e.value)
+    assert msg.startswith("error:") and "\n" not in msg, msg
+    return msg
+
+
 def assert_same(a, b):
-    """Assert two (nested dicts / lists of) tensors and values are equal bit for bit, dtypes included."""
+    """Two (nested dicts / lists of) tensors and values equal bit for bit, dtypes included."""
     if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b) and a.dtype == b.dtype
+        assert a.dtype == b.dtype and torch.equal(a, b)
     elif isinstance(a, dict):
         assert a.keys() == b.keys()
         for key in a:
@@ -109,14 +137,6 @@ def assert_same(a, b):
     else:
         assert a == b
 
-def parse_error(module, args):
-    """Assert module.parse_args(args) stops with a one-line 'error:' (SystemExit); return the line."""
-    with pytest.raises(SystemExit) as e:
-        module.parse_args([*args, "--device", "cpu"])
-    msg = str(e.value)
-    assert msg.startswith("error:") and "\n" not in msg, msg
-    return msg
-
 
 # ------------------------------------------------------------------------------------------------
 # common.py
@@ -127,6 +147,8 @@ def test_mnist_loads_from_idx(tiny_mnist):
     assert len(train) == 256 and len(test) == 128 and train.shape == (1, 28, 28)
     x, y = next(train.epoch(32, torch.Generator().manual_seed(0)))
     assert x.shape == (32, 1, 28, 28) and 0 <= x.min() and x.max() <= 1 and y.dtype == torch.long
+    signed = common.load_mnist(tiny_mnist, "cpu", train=True, signed=True)  # for a tanh generator: exactly 2x - 1
+    assert torch.equal(next(signed.epoch(32, torch.Generator().manual_seed(0)))[0], x * 2 - 1)
     # an epoch visits each image once (drop-last), in a different order per seed
     seen = torch.cat([y for _, y in train.epoch(32, torch.Generator().manual_seed(0))])
     assert len(seen) == 256 and torch.equal(torch.bincount(seen, minlength=10), torch.bincount(train.labels))
@@ -148,7 +170,7 @@ def test_mnist_missing_and_corrupt_give_one_line(tmp_path, tiny_mnist):
 
 def test_image_folder_layout_and_errors(tiny_celeba, tmp_path):
     data = common.load_image_folder(tiny_celeba, "cpu", size=64)
-    assert len(data) == 12 and data.shape == (3, 64, 64)
+    assert len(data) == 24 and data.shape == (3, 64, 64)
     with pytest.raises(SystemExit) as e:
         common.load_image_folder(str(tmp_path), "cpu")  # empty folder
     assert "img_align_celeba" in str(e.value) and "--data-root" in str(e.value)
@@ -187,6 +209,8 @@ def test_toy_ring_has_8_distinct_modes():
     assert torch.allclose(ring.modes.norm(dim=1), torch.full((8,), 2.0))
     x, k = ring.sample(4000, torch.Generator().manual_seed(0))
     assert (x - ring.modes[k]).norm(dim=1).max() < 0.02 * 6
+    batches = list(ring.epoch(16, torch.Generator().manual_seed(0)))  # an epoch: `steps` batches drawn at its start
+    assert len(batches) == ring.steps_per_epoch(16) == 500 and batches[0][0].shape == (16, 2)
     assert common.ToyData("grid", "cpu").modes.shape == (25, 2)
 
 
@@ -211,62 +235,236 @@ def test_metrics_csv_round_trip_and_plot(tmp_path):
         common.append_metrics(path, {"epoch": e + 1, "step": 10 * (e + 1), "loss_d": 0.5 / (e + 1)})
     rows = common.read_metrics(path)
     assert [r["epoch"] for r in rows] == [1, 2, 3] and abs(rows[2]["loss_d"] - 0.5 / 3) < 1e-5
-    common.plot_metrics({"a": path, "b": path}, ["loss_d"], str(tmp_path / "c.png"))
+    common.plot_metrics({"a": path, "b": [path, path]}, ["loss_d"], str(tmp_path / "c.png"))  # b: a mean over runs
     assert (tmp_path / "c.png").stat().st_size > 0
+    common.truncate_metrics(path, 20)  # rows written after a checkpoint at step 20 go on resume
+    assert [r["step"] for r in common.read_metrics(path)] == [10, 20]
 
 
 # ------------------------------------------------------------------------------------------------
-# infogan.py
+# Every script: one shape, the same plumbing, and what the plumbing promises
 # ------------------------------------------------------------------------------------------------
-COLUMNS = ["epoch", "step", "seconds", "steps_per_s", "loss_d", "loss_g", "li_cat", "li_cont", "test_acc"]
-FIGURES = ["fig04_traversal_c1.png", "fig05_traversal_c2.png", "samples.png", "losses.png"]
+SCRIPTS = ("infogan.py", "unrolled_infogan.py", "beta_vae.py", "vae_gan.py", "vae_infogan.py")
+HOOKS = {"add_flags", "check_flags", "setup", "build", "train_step", "evaluate", "save_figures", "main"}
+CASES = {  # one small, fast configuration per script and kind of data; r: the tiny MNIST's root
+    "infogan": (infogan, lambda r: ["--data-root", r, "--width", "0.125", "--batch-size", "16"]),
+    "unrolled_mnist": (ui, lambda r: ["--data-root", r, "--width", "0.125", "--batch-size", "16", "--k", "2"]),
+    "unrolled_ring": (ui, lambda r: ["--dataset", "ring", "--width", "0.25", "--batch-size", "16", "--k", "2"]),
+    "beta_vae": (beta_vae, lambda r: ["--batch-size", "8", "--mig-samples", "100", "--latents", "4"]),
+    "vae_gan": (vae_gan, lambda r: ["--batch-size", "8", "--mig-samples", "100", "--latents", "4", "--width", "0.125"]),
+    "vae_infogan": (vi, lambda r: ["--batch-size", "8", "--latents", "4", "--n-info", "2", "--width", "4", "--k", "2"]),
+}
+RUN_FIGURES = {infogan: ["fig04_traversal_c1.png", "fig05_traversal_c2.png", "samples.png", "losses.png"],
+               beta_vae: ["reconstructions.png", "samples.png", "fig14_traversals.png", "fig15_kl_per_latent.png", "losses.png"]}
+RUN_FIGURES[ui], RUN_FIGURES[vae_gan], RUN_FIGURES[vi] = RUN_FIGURES[infogan] + ["fig12_q_loss.png"], RUN_FIGURES[beta_vae], RUN_FIGURES[beta_vae]
 
 
-def infogan_only_run(out):
-    (run,) = [os.path.join(out, d) for d in os.listdir(out)]
-    return run
+@pytest.fixture(params=list(CASES))
+def case(request, tiny_mnist):
+    module, argv = CASES[request.param]
+    return module, argv(tiny_mnist)
 
 
-def infogan_train(data_root, out, *extra, cwd):
-    return run_script("infogan.py", "--dataset", "mnist", "--data-root", data_root, "--batch-size", "16",
-                      "--device", "cpu", "--out", out, "--log-every", "2", *extra, cwd=cwd)
+def plumbing_block(source):
+    start = source.rindex("\n# ====", 0, source.index("# PLUMBING"))
+    return source[start:source.index("(end of the plumbing)")]
 
 
-def test_infogan_smoke_run_writes_folder_figures_finite_metrics(tiny_mnist, tmp_path):
-    proc = infogan_train(tiny_mnist, tmp_path / "runs", "--steps", "3", cwd=tmp_path)
-    run = infogan_only_run(tmp_path / "runs")
-    assert os.path.basename(run).startswith("infogan__mnist__s1__")
-    for name in ["config.json", "metrics.csv", "checkpoint.pt", *FIGURES]:
-        assert os.path.getsize(os.path.join(run, name)) > 0, name
-    rows = infogan.common.read_metrics(os.path.join(run, "metrics.csv"))
-    assert len(rows) == 1 and list(rows[0]) == COLUMNS and rows[0]["step"] == 3
-    assert all(math.isfinite(v) for v in rows[0].values()) and 0 < rows[0]["test_acc"] <= 1
-    assert "steps/s" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("done: 3 steps")
+def drift(sources):
+    """Where copies differ: the plumbing block of every script, and each top-level function or class defined in
+    two scripts (other than the hooks every script has its own of). A list of 'name: script vs script'."""
+    blocks = {name: plumbing_block(src) for name, src in sources.items()}
+    first = next(iter(blocks))
+    found = [f"plumbing: {first} vs {name}" for name in blocks if blocks[name] != blocks[first]]
+    defs = {}
+    for name, src in sources.items():
+        for node in ast.parse(src).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name not in HOOKS:
+                defs.setdefault(node.name, []).append((name, ast.get_source_segment(src, node)))
+    for fn, copies in defs.items():
+        found += [f"{fn}: {copies[0][0]} vs {other}" for other, text in copies[1:] if text != copies[0][1]]
+    return found
 
 
-def brute_force_accuracy(pred, labels, n):
-    return max(sum(int(perm[p]) == int(l) for p, l in zip(pred, labels)) for perm in itertools.permutations(range(n))) / len(labels)
+def test_copies_are_identical_and_an_edited_copy_is_caught():
+    sources = {name: open(os.path.join(HERE, name)).read() for name in SCRIPTS}
+    assert drift(sources) == []
+    unrolled = {n.name for n in ast.parse(sources["unrolled_infogan.py"]).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert {"snapshot_d", "unroll", "unrolled_g_loss", "adam_step"} <= unrolled & {
+        n.name for n in ast.parse(sources["vae_infogan.py"]).body if isinstance(n, ast.FunctionDef)}  # one unroll, twice
+    assert {"generator", "Discriminator", "information_losses", "save_digit_figures"} <= unrolled & {
+        n.name for n in ast.parse(sources["infogan.py"]).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    edited = dict(sources, **{"vae_gan.py": sources["vae_gan.py"].replace("weights_only=True", "weights_only=False")})
+    assert "plumbing: infogan.py vs vae_gan.py" in drift(edited)
+    edited = dict(sources, **{"vae_infogan.py": sources["vae_infogan.py"].replace("b2 * v + (1 - b2)", "b2 * v + (1.0 - b2)")})
+    assert drift(edited) == ["adam_step: unrolled_infogan.py vs vae_infogan.py"]
 
 
-def test_hungarian_accuracy_known_answers():
-    labels = torch.arange(1000) % 10
-    perm = torch.tensor([3, 7, 0, 9, 1, 4, 8, 2, 6, 5])
-    assert infogan.hungarian_accuracy(perm[labels], labels, 10) == 1.0  # perfect clustering, categories permuted
-    # two digits share one category: the best one-to-one map gets only one of them right
-    pred = perm[labels].clone()
-    pred[labels == 9] = perm[4]
-    assert infogan.hungarian_accuracy(pred, labels, 10) == 0.9
-    # a constant prediction matches one digit only
-    assert infogan.hungarian_accuracy(torch.zeros(1000, dtype=torch.long), labels, 10) == 0.1
-    # random confusions: the DP equals brute force over all permutations (5 classes), and n_cat < n_classes
-    g = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        labels5 = torch.randint(5, (60,), generator=g)
-        pred5 = torch.where(torch.rand(60, generator=g) < 0.5, (labels5 + 2) % 5, torch.randint(5, (60,), generator=g))
-        assert abs(infogan.hungarian_accuracy(pred5, labels5, 5, n_classes=5) - brute_force_accuracy(pred5, labels5, 5)) < 1e-12
-    assert infogan.hungarian_accuracy(labels % 4, labels, 4) == 0.4  # 4 categories: digits 0-3 (+4-9 folded in)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_line_budget(script):
+    budget = {"infogan.py": 300, "beta_vae.py": 300, "vae_gan.py": 350, "vae_infogan.py": 350, "unrolled_infogan.py": 400}
+    assert sum(1 for line in open(os.path.join(HERE, script)) if line.strip()) <= budget[script]
 
 
+def test_smoke_run_writes_its_folder(case, tmp_path, capsys):
+    module, argv = case
+    folder = run(module, tmp_path, *argv, "--steps", "3", "--log-every", "2")
+    out = capsys.readouterr().out
+    assert "step 2/3" in out and "step 3/3" in out and "steps/s" in out and out.strip().splitlines()[-1].startswith("done: 3 steps")
+    figures = ["fig03_scatter.png", "losses.png"] if "ring" in argv else RUN_FIGURES[module]
+    for name in ["config.json", "metrics.csv", "checkpoint.pt", *figures]:
+        assert os.path.getsize(os.path.join(folder, name)) > 0, name
+    rows = common.read_metrics(os.path.join(folder, "metrics.csv"))
+    assert len(rows) == 1 and rows[0]["step"] == 3 and list(rows[0])[:4] == ["epoch", "step", "steps_per_s", "seconds"]
+    assert all(math.isfinite(rows[0][name]) for name in module.LOSSES)
+    ckpt = torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)
+    assert ckpt["script"] == module.SCRIPT and ckpt["step"] == 3 and set(ckpt["rng"]) == {"torch", "cuda", "data"}
+
+
+def test_resume_continues_bit_for_bit(case, tmp_path):
+    """--steps 4 straight, and --steps 2 then --resume to 4 (mid-epoch: epochs of 3 steps), give the same weights,
+    optimizer states, RNG states and metrics rows."""
+    module, argv = case
+    flags = [*argv, "--epoch-steps", "3"]
+    straight = run(module, tmp_path / "a", *flags, "--steps", "4")
+    half = run(module, tmp_path / "b", *flags, "--steps", "2")
+    assert run(module, tmp_path / "b", *flags, "--steps", "4", "--resume", half) is None  # continues in its folder
+    a, b = (torch.load(os.path.join(f, "checkpoint.pt"), weights_only=True) for f in (straight, half))
+    assert a["step"] == b["step"] == 4
+    for key in ("models", "optims", "rng"):
+        assert_same(a[key], b[key])
+    rows_a, rows_b = (common.read_metrics(os.path.join(f, "metrics.csv")) for f in (straight, half))
+    assert [r["step"] for r in rows_a] == [3, 4] and [r["step"] for r in rows_b] == [2, 3, 4]
+    timing = {"seconds", "steps_per_s"}
+    assert {k: v for k, v in rows_a[-1].items() if k not in timing} == {k: v for k, v in rows_b[-1].items() if k not in timing}
+
+
+def test_evaluation_and_figures_leave_the_training_state_alone(case, tmp_path):
+    """evaluate and save_figures run between steps: no draw from the global RNG, no change to weights, BatchNorm
+    statistics or optimizer states, and every network back in training mode."""
+    module, argv = case
+    args = module.parse_args([*argv, "--device", "cpu"])
+    args.k = args.k[0] if isinstance(getattr(args, "k", None), list) else getattr(args, "k", None)
+    data, ctx = module.setup(args)
+    nets, opts = module.build(args, data.shape)
+    module.train_step(nets, opts, next(data.epoch(args.batch_size, torch.Generator().manual_seed(0)))[0], args)
+    state = lambda: copy.deepcopy(({k: m.state_dict() for k, m in nets.items()}, {k: o.state_dict() for k, o in opts.items()}))  # noqa
+    before, rng = state(), torch.get_rng_state()
+    row = module.evaluate(nets, ctx, args)
+    assert all(isinstance(v, (int, float)) for v in row.values())
+    common.append_metrics(os.path.join(tmp_path, "metrics.csv"), {"epoch": 1.0, "step": 1, **dict.fromkeys(module.LOSSES, 1.0), **row})
+    module.save_figures(nets, ctx, SimpleNamespace(dir=str(tmp_path), step=1, row=row), args)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_same(before, state())
+    assert all(m.training for net in nets.values() for m in net.modules())
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records every op that mixes a host tensor (other than a 0-d scalar) with a device tensor, and every
+    host-to-device copy. The 'device' is PyTorch's meta device, so this runs without a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.found, self.ops = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
+        out = func(*args, **(kwargs or {}))
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.ops += 1
+        host, device = [t for t in tensors if t.device.type == "cpu"], [t for t in tensors + outs if t.device.type == "meta"]
+        if device and any(t.dim() > 0 for t in host):
+            self.found.append(f"{func} mixes host tensors {[tuple(t.shape) for t in host]} with device tensors")
+        elif host and "copy" in str(func) and any(t.device.type == "meta" for t in outs):
+            self.found.append(f"{func} copies a host tensor to the device")
+        return out
+
+
+def test_a_training_step_moves_nothing_between_host_and_device(case):
+    """One batch and one training step of every script on the meta device: no op may mix host and device tensors,
+    nothing may be copied from the host (the loaders copy an epoch's order once, at its start)."""
+    module, argv = case
+    args = module.parse_args([*argv, "--device", "cpu"])
+    args.k = args.k[0] if isinstance(getattr(args, "k", None), list) else getattr(args, "k", None)
+    args.device = "meta"
+    data = common.load_data(args.dataset, args.data_root, "meta")
+    nets, opts = module.build(args, data.shape)
+    batches = data.epoch(args.batch_size, torch.Generator().manual_seed(0))
+    x, _ = next(batches)
+    module.train_step(nets, opts, x, args)  # the first step creates the optimizers' states
+    with HostTraffic() as mode:
+        x, _ = next(batches)
+        losses = module.train_step(nets, opts, x, args)
+    assert mode.found == [] and mode.ops > 100
+    assert losses.device.type == "meta" and losses.shape == (len(module.LOSSES),)
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a shared checkpoint could do to a lab machine."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.flag}",)
+
+
+def test_bad_input_gives_one_line_errors(case, tmp_path):
+    module, argv = case
+    out = ["--out", tmp_path / "runs", "--device", "cpu"]
+    assert "--device foo is not a device" in error_of(module, *argv, "--device", "foo")
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in error_of(module, *argv, "--device", "cuda")
+    assert "--batch-size must be between 2" in error_of(module, *argv, *out, "--batch-size", "1")
+    assert "--log-every must be between 1" in error_of(module, *argv, *out, "--log-every", 10 ** 12)
+    (tmp_path / "file").write_text("")
+    assert "is a file" in error_of(module, *argv, "--out", tmp_path / "file", "--device", "cpu")
+    for bad in ("junk.pt", "missing.pt"):
+        (tmp_path / "junk.pt").write_text("not a checkpoint")
+        assert "is not a checkpoint" in error_of(module, *argv, *out, "--resume", tmp_path / bad)
+    torch.save({"script": "other.py", "args": {}}, tmp_path / "other.pt")
+    assert f"not a checkpoint of {module.SCRIPT}" in error_of(module, *argv, *out, "--resume", tmp_path / "other.pt")
+    torch.save({"script": module.SCRIPT, "args": {}, "step": 1}, tmp_path / "partial.pt")
+    assert "is not a complete checkpoint" in error_of(module, *argv, *out, "--resume", tmp_path / "partial.pt")
+    torch.save({"script": module.SCRIPT, "trap": RunsCode(tmp_path / "ran")}, tmp_path / "evil.pt")
+    assert "can load safely" in error_of(module, *argv, *out, "--resume", tmp_path / "evil.pt")
+    assert not (tmp_path / "ran").exists()  # the command in the pickle never ran
+    assert not (tmp_path / "runs").exists()  # and no run folder was made for any of these
+
+
+def test_resume_refuses_a_changed_experiment(case, tmp_path):
+    module, argv = case
+    folder = run(module, tmp_path, *argv, "--steps", "1")
+    changed = {ui: ["--k", "0"], vi: ["--k", "0"], infogan: ["--lr-g", "0.002"]}.get(module, ["--seed", "2"])
+    msg = error_of(module, *argv, *changed, "--resume", folder, "--device", "cpu")
+    assert msg.endswith("resume with the same value") and changed[0] in msg
+    assert [r["step"] for r in common.read_metrics(os.path.join(folder, "metrics.csv"))] == [1]
+
+
+def test_command_line_errors_are_one_line_with_exit_status_1(tmp_path):
+    assert "--epochs must be between 1" in one_line_error(run_script("infogan.py", "--epochs", "0", cwd=tmp_path, expect_rc=None))
+    assert "--k takes" in one_line_error(run_script("unrolled_infogan.py", "--k", 10 ** 12, cwd=tmp_path, expect_rc=None))
+    assert "--device" in one_line_error(run_script("vae_infogan.py", "--device", "foo", cwd=tmp_path, expect_rc=None))
+    assert not os.listdir(tmp_path)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_step_and_loss(tiny_mnist, tmp_path, monkeypatch):
+    real = infogan.train_step
+    calls = []
+
+    def diverging(nets, opts, x, args):  # the fourth step's li_cont is NaN
+        losses = real(nets, opts, x, args)
+        calls.append(1)
+        return torch.where(torch.arange(4) == 3, float("nan"), losses) if len(calls) == 4 else losses
+
+    monkeypatch.setattr(infogan, "train_step", diverging)
+    msg = error_of(infogan, *CASES["infogan"][1](tiny_mnist), "--steps", "6", "--log-every", "5", "--out", tmp_path, "--device", "cpu")
+    assert msg == "error: li_cont became NaN or infinite at step 4; lower the learning rate or check the data"
+
+
+# ------------------------------------------------------------------------------------------------
+# InfoGAN pieces (infogan.py, copied verbatim in unrolled_infogan.py)
+# ------------------------------------------------------------------------------------------------
 def test_information_losses_are_the_nll_terms():
     g = torch.Generator().manual_seed(0)
     q, c_cat, c_cont = torch.randn(8, 12, generator=g), torch.randint(10, (8,), generator=g), torch.rand(8, 2, generator=g)
@@ -281,7 +479,6 @@ def test_traversal_latents_layout():
     z, c_cont = torch.randn(n_noise), torch.tensor([0.3, -0.7])
     for code in (0, 1):
         latent, c_cat, cc = infogan.traversal_latents(z, c_cont, code, values, n_cat)
-        assert latent.shape == (100, n_noise + n_cat + 2)
         grid = latent.view(n_cat, len(values), -1)  # (rows, columns, latent)
         rows, cols = torch.meshgrid(torch.arange(n_cat), torch.arange(len(values)), indexing="ij")
         assert torch.equal(grid[..., n_noise:n_noise + n_cat].argmax(-1), rows)  # c_cat = row index
@@ -292,81 +489,24 @@ def test_traversal_latents_layout():
         assert torch.equal(c_cat, rows.flatten()) and torch.equal(cc.view(n_cat, 10, 2)[..., code], values[cols])
 
 
-def test_networks_shapes_and_pixel_range():
-    G, D = infogan.Generator(74).eval(), infogan.Discriminator(10, 2).eval()
+@pytest.mark.parametrize("width", [1.0, 0.25])
+def test_networks_shapes_and_width(width):
+    G, D = infogan.generator(74, width).eval(), infogan.Discriminator(10, 2, width).eval()
     latent, c_cat, c_cont = infogan.sample_latents(5, 62, 10, 2, "cpu")
     assert c_cont.min() >= -1 and c_cont.max() <= 1 and c_cat.max() < 10
     x = G(latent)
     assert x.shape == (5, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
     d, q = D(x)
     assert d.shape == (5,) and q.shape == (5, 12)
-
-
-def test_infogan_resume_continues_from_saved_step_bit_for_bit(tiny_mnist, tmp_path):
-    infogan_train(tiny_mnist, tmp_path / "a", "--steps", "4", cwd=tmp_path)
-    run = infogan_only_run(tmp_path / "a")
-    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["step"] == 4
-    proc = infogan_train(tiny_mnist, tmp_path / "a", "--steps", "8", "--resume", run, cwd=tmp_path)
-    assert "resumed at step 4" in proc.stdout and os.listdir(tmp_path / "a") == [os.path.basename(run)]
-    rows = infogan.common.read_metrics(os.path.join(run, "metrics.csv"))
-    assert [r["step"] for r in rows] == [4, 8] and rows[1]["seconds"] >= rows[0]["seconds"]
-    resumed = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
-    assert resumed["step"] == 8
-    # the same 8 steps without interruption give the same weights, bit for bit (CPU)
-    infogan_train(tiny_mnist, tmp_path / "b", "--steps", "8", cwd=tmp_path)
-    straight = torch.load(os.path.join(infogan_only_run(tmp_path / "b"), "checkpoint.pt"), weights_only=False)
-    for net in ("G", "D"):
-        for k, v in straight["models"][net].items():
-            assert torch.equal(v, resumed["models"][net][k]), (net, k)
-
-
-def test_infogan_bad_input_gives_one_line_errors(tiny_mnist, tmp_path):
-    # one real subprocess: the message reaches stderr as one line, exit status 1
-    proc = run_script("infogan.py", "--epochs", "0", cwd=tmp_path, expect_rc=None)
-    assert "--epochs must be >= 1 (got 0)" in one_line_error(proc)
-
-    def fails(*args):  # the rest in-process (fast): main() must raise SystemExit("error: <one line>")
-        with pytest.raises(SystemExit) as e:
-            infogan.main([*args, "--out", str(tmp_path / "runs")])
-        msg = str(e.value)
-        assert msg.startswith("error:") and "\n" not in msg, msg
-        return msg
-
-    assert "--batch-size must be >= 1 (got -1)" in fails("--batch-size", "-1")
-    if not torch.cuda.is_available():
-        assert fails("--device", "cuda") == "error: --device cuda but no CUDA GPU is available here; use --device cpu"
-    assert "MNIST/raw" in fails("--device", "cpu", "--data-root", str(tmp_path / "nowhere"))
-    junk = tmp_path / "junk.pt"
-    junk.write_text("not a checkpoint")
-    assert "is not a checkpoint" in fails("--device", "cpu", "--resume", str(junk))
-    other = tmp_path / "other.pt"
-    torch.save({"script": "beta_vae.py", "args": {}}, other)
-    assert "checkpoint of beta_vae.py, not of infogan.py" in fails("--device", "cpu", "--resume", str(other))
-    assert "is not a checkpoint" in fails("--device", "cpu", "--resume", str(tmp_path / "missing.pt"))
-    # a diverging run stops at once, naming the loss and the step
-    msg = fails("--device", "cpu", "--data-root", tiny_mnist, "--batch-size", "16", "--steps", "6", "--log-every", "3",
-                "--lr-d", "1e30", "--lr-g", "1e30")
-    assert "became nan at step" in msg or "became inf at step" in msg
+    assert D.body[0].out_channels == round(64 * width) and G[0].out_features == round(1024 * width)
 
 
 # ------------------------------------------------------------------------------------------------
-# unrolled_infogan.py
+# The unrolled look-ahead: tiny float64 networks with smooth activations (finite differences disagree across
+# ReLU kinks) and BatchNorm in D (its buffers must come out of the unroll untouched)
 # ------------------------------------------------------------------------------------------------
-# ------------------------------------------------------------------------------------------------
-# Tiny float64 networks with smooth activations (finite differences disagree across ReLU kinks) and
-# BatchNorm in D (its buffers must survive the unroll untouched)
-# ------------------------------------------------------------------------------------------------
-class TinyG(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
-
-    def forward(self, latent):  # latent: 2 noise dims, a one-hot of 3 categories, 1 continuous code
-        return self.net(latent)
-
-
 class TinyD(nn.Module):
-    """InfoGAN layout in miniature: a body with BatchNorm shared by D's head and Q's head."""
+    """InfoGAN's layout in miniature: a body with BatchNorm shared by D's head and Q's head."""
 
     def __init__(self):
         super().__init__()
@@ -379,14 +519,10 @@ class TinyD(nn.Module):
         return self.d_head(h).squeeze(1), self.q_head(h)
 
 
-ARGS = SimpleNamespace(unroll_lr=None, g_loss="saddle", first_order=False, n_cat=3, lambda_cat=1.0, lambda_cont=1.0)
-
-
 def tiny_setup(seed=0, real_steps=3):
     """Tiny G and D in float64, D's Adam (owning body and d_head, as in the script) stepped a few times."""
     torch.manual_seed(seed)
-    G, D = TinyG().double(), TinyD().double()
-    opt_g = torch.optim.Adam([*G.parameters(), *D.q_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
+    G, D = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double(), TinyD().double()
     opt_d = torch.optim.Adam([*D.body.parameters(), *D.d_head.parameters()], lr=0.05, betas=(0.5, 0.999))
     x = torch.randn(16, 4, dtype=torch.float64) + 1.0
     z = ui.make_latent(torch.randn(16, 2, dtype=torch.float64), torch.arange(16) % 3,
@@ -397,22 +533,20 @@ def tiny_setup(seed=0, real_steps=3):
         loss.backward()
         opt_d.step()
     opt_d.zero_grad(set_to_none=True)
-    return G, D, opt_g, opt_d, x, z
+    return G, D, opt_d, x, z
 
 
 def g_grad(G, D, opt_d, x, z, k, kind, first_order=False):
     G.zero_grad(set_to_none=True)
-    loss = ui.unrolled_g_loss(D, opt_d, [x] * (k + 1), G(z), k, kind=kind, first_order=first_order)
-    loss.backward()
-    return torch.cat([p.grad.reshape(-1) for p in G.parameters()]), loss.detach()
+    ui.unrolled_g_loss(D, opt_d, x, G(z), k, 0.05, kind=kind, first_order=first_order).backward()
+    return torch.cat([p.grad.reshape(-1) for p in G.parameters()])
 
 
 @pytest.mark.parametrize("kind", ["saddle", "ns"])
 def test_exact_unrolled_gradient_matches_finite_differences(kind):
-    G, D, _, opt_d, x, z = tiny_setup()
+    G, D, opt_d, x, z = tiny_setup()
     k, h = 3, 1e-6  # Adam's normalisation is strongly curved: the O(h²) error is ~1e-6 at h = 1e-5
-    exact, _ = g_grad(G, D, opt_d, x, z, k, kind)
-    first_order, _ = g_grad(G, D, opt_d, x, z, k, kind, first_order=True)
+    exact, first_order = g_grad(G, D, opt_d, x, z, k, kind), g_grad(G, D, opt_d, x, z, k, kind, first_order=True)
     theta = torch.nn.utils.parameters_to_vector(G.parameters()).detach()
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -420,55 +554,60 @@ def test_exact_unrolled_gradient_matches_finite_differences(kind):
         f = []
         for sign in (1, -1):
             torch.nn.utils.vector_to_parameters(theta + sign * h * u, G.parameters())
-            with torch.enable_grad():
-                f.append(ui.unrolled_g_loss(D, opt_d, [x] * (k + 1), G(z), k, kind=kind).item())
+            f.append(ui.unrolled_g_loss(D, opt_d, x, G(z), k, 0.05, kind=kind).item())
         torch.nn.utils.vector_to_parameters(theta, G.parameters())
         fd, ad = (f[0] - f[1]) / (2 * h), float(exact @ u)
         assert abs(fd - ad) <= 1e-5 * abs(fd), (kind, fd, ad)
         # the first-order ("popular port") gradient is a different vector: it misses eq. (11)'s 2nd term
         assert abs(float(first_order @ u) - fd) > 1e-3 * abs(fd), (kind, fd, float(first_order @ u))
-    assert (exact - first_order).norm() > 1e-2 * exact.norm()
 
 
-def state_copy(D, opt_d):
-    return (copy.deepcopy(D.state_dict()), copy.deepcopy(opt_d.state_dict()))
+def test_the_look_ahead_leaves_d_bit_for_bit():
+    G, D, opt_d, x, z = tiny_setup()
+    before = copy.deepcopy((D.state_dict(), opt_d.state_dict()))
+    for first_order in (False, True):
+        g_grad(G, D, opt_d, x, z, 5, "ns", first_order)
+    assert_same(before, (D.state_dict(), opt_d.state_dict()))  # parameters, BatchNorm buffers, Adam's moments and step
+    assert all(p.grad is None for p in D.parameters())  # nothing leaked into the real D
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_generator_step_leaves_d_bit_for_bit_unchanged(first_order):
-    G, D, opt_g, opt_d, x, z = tiny_setup()
-    before = state_copy(D, opt_d)
-    q_before = copy.deepcopy(D.q_head.state_dict())
-    args = SimpleNamespace(**{**vars(ARGS), "first_order": first_order})
-    for _ in range(2):
-        losses = ui.generator_step(G, D, opt_g, opt_d, G(z), torch.arange(16) % 3, z[:, -1:], [x] * 6, 5, args)
-        assert torch.isfinite(losses).all() and losses[1] > 0  # f_K, li_cat, li_cont
-    after = state_copy(D, opt_d)
-    q_keys = [key for key in after[0] if key.startswith("q_head.")]
-    assert_same({key: v for key, v in before[0].items() if key not in q_keys},  # body, d_head, all BN buffers
-                {key: v for key, v in after[0].items() if key not in q_keys})
-    assert_same(before[1], after[1])  # D's Adam: moments and step count
-    assert not torch.equal(q_before["weight"], D.q_head.weight)  # Q's head (owned by opt_g) did train
-    assert all(p.grad is None for p in D.d_head.parameters())  # nothing leaked into the real D's head
+def test_train_step_moves_d_by_its_own_step_only():
+    """D after a training step is the same whatever K (the look-ahead works on a copy); G is not."""
+    results = []
+    torch.set_default_dtype(torch.float64)  # the step draws its latents in the default dtype
+    for k in (0, 3):
+        G, D, opt_d, x, z = tiny_setup()
+        opt_g = torch.optim.Adam([*G.parameters(), *D.q_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
+        args = SimpleNamespace(n_cat=3, n_cont=1, n_noise=2, k=k, unroll_lr=0.05, g_loss="ns", first_order=False,
+                               lambda_cat=1.0, lambda_cont=1.0)
+        torch.manual_seed(5)
+        losses = ui.train_step({"G": G, "D": D}, {"d": opt_d, "g": opt_g}, x, args)
+        assert torch.isfinite(losses).all()
+        results.append(({n: v for n, v in D.state_dict().items() if not n.startswith("q_head")}, opt_d.state_dict(),
+                        [p.detach().clone() for p in G.parameters()]))
+    torch.set_default_dtype(torch.float32)
+    assert_same(results[0][:2], results[1][:2])
+    assert not all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))
 
 
 def test_k0_is_the_plain_gan_generator_gradient():
     for kind in ("saddle", "ns"):
-        G, D, _, opt_d, x, z = tiny_setup()
-        unrolled, _ = g_grad(G, D, opt_d, x, z, 0, kind)
+        G, D, opt_d, x, z = tiny_setup()
+        unrolled = g_grad(G, D, opt_d, x, z, 0, kind)
         G.zero_grad()
         fake = G(z)
-        plain = -ui.d_loss(D(x)[0], D(fake)[0]) if kind == "saddle" else ui.g_loss_fn("ns", None, D(fake)[0])
+        logit = D(fake)[0]
+        plain = -ui.d_loss(D(x)[0], logit) if kind == "saddle" else F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
         plain.backward()
         assert torch.equal(unrolled, torch.cat([p.grad.reshape(-1) for p in G.parameters()]))
 
 
-def test_one_unrolled_step_is_torch_adam():
+def test_unrolled_steps_are_torch_adam():
     """The differentiable Adam does what torch.optim.Adam does (moments, step count, bias correction)."""
-    G, D, _, opt_d, x, z = tiny_setup()
+    G, D, opt_d, x, z = tiny_setup()
     fake = G(z).detach()
     snap = ui.snapshot_d(D, opt_d)
-    theta = ui.unroll(D, snap, [x, x], fake, 2, snap["lr"], first_order=True)
+    theta = ui.unroll(D, snap, x, fake, 2, 0.05, first_order=True)
     D2 = copy.deepcopy(D)
     opt2 = torch.optim.Adam([*D2.body.parameters(), *D2.d_head.parameters()], lr=0.05, betas=(0.5, 0.999))
     opt2.load_state_dict(opt_d.state_dict())
@@ -490,9 +629,290 @@ def test_benchmark_counts_more_ops_per_unrolled_step():
     """benchmark.py --count-ops: each exact unrolled step adds calls (forward, backward, double backward, Adam);
     the first-order unroll dispatches fewer than the exact one at the same K."""
     import benchmark
-    n0, n1, n2 = (benchmark.count_ops(k, False, "cpu")[0] for k in (0, 1, 2))
-    assert n0 < n1 < n2 and abs((n2 - n1) - (n1 - n0)) < 0.2 * (n1 - n0)  # about linear in K
-    assert benchmark.count_ops(2, True, "cpu")[0] < n2
+    n0, n1, n2, n3 = (benchmark.count_ops(k, False, "cpu", width=0.125)[0] for k in (0, 1, 2, 3))
+    assert n0 < n1 < n2 < n3 and (n3 - n2) == (n2 - n1)  # each unrolled step adds the same calls
+    assert benchmark.count_ops(2, True, "cpu", width=0.125)[0] < n2
+
+
+# ------------------------------------------------------------------------------------------------
+# The K sweep and the ring
+# ------------------------------------------------------------------------------------------------
+def test_mnist_sweep_writes_a_comparison(tiny_mnist, tmp_path):
+    ui.main(["--data-root", tiny_mnist, "--k", "0", "1", "--steps", "2", "--width", "0.125",
+             "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path)])
+    (sweep,) = tmp_path.iterdir()
+    assert sweep.name.startswith("unrolled_infogan__mnist__sweep-k0-1__s1__")
+    table = (sweep / "comparison.md").read_text()
+    assert "| 0 | exact | 1 | 2 |" in table and "| 1 | exact | 1 | 2 |" in table and "Spearman" in table
+    assert (sweep / "fig12_q_loss.png").exists()
+    assert sorted(d.name.split("__")[2] for d in sweep.iterdir() if d.is_dir()) == ["k0", "k1"]
+
+
+def test_ring_sweep_draws_fig3(tmp_path):
+    ui.main(["--dataset", "ring", "--k", "0", "2", "--steps", "3", "--batch-size", "16", "--device", "cpu",
+             "--out", str(tmp_path)])
+    (sweep,) = tmp_path.iterdir()
+    assert (sweep / "fig03_scatter.png").exists() and "| 2 | exact | 1 | 3 |" in (sweep / "comparison.md").read_text()
+    lines = evaluation.compare([str(sweep), str(sweep)], str(tmp_path / "again"), "test")  # a run given twice: 2 runs
+    assert any(line.startswith("| 0 | exact | 2 | 3 |") for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation.py: known answers on strokes drawn here
+# ------------------------------------------------------------------------------------------------
+SHEARS = (-0.4, -0.2, 0.0, 0.2, 0.4)
+THICKNESSES = (1.5, 2.0, 3.0, 4.0, 5.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Drawing: shapes given by an inside test, rendered with sub-pixel supersampling
+# ------------------------------------------------------------------------------------------------
+def render(inside, n=1, size=28, ss=16):
+    """Images (n, 1, size, size) in [-1, 1]: ink = fraction of ss x ss sample points per pixel where
+    inside(x, y) (tensors (n, size*ss, size*ss)) holds; pixel (i, j) has its centre at x = j, y = i."""
+    c = (torch.arange(size * ss, dtype=torch.float64) + 0.5) / ss - 0.5
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    ink = inside(x.expand(n, -1, -1), y.expand(n, -1, -1)).double()
+    ink = ink.view(n, size, ss, size, ss).mean((2, 4))
+    return (ink * 2 - 1).float().unsqueeze(1)
+
+
+def col(values):
+    """Per-image parameters as an (n, 1, 1) tensor, to broadcast against the sample grids."""
+    return torch.as_tensor(values, dtype=torch.float64).view(-1, 1, 1)
+
+
+def unshear(x, y, s, cy):
+    """x of the point before a shear by s about row cy: x' = x + s (cy - y), so the top leans right for s > 0."""
+    return x - s * (cy - y)
+
+
+def bar(s=0.0, t=3.0, h=18.0, cx=13.75, cy=13.6):
+    """A vertical bar of thickness t (horizontal) and height h, sheared by s."""
+    s, t = col(s), col(t)
+    return lambda x, y: ((unshear(x, y, s, cy) - cx).abs() <= t / 2) & ((y - cy).abs() <= h / 2)
+
+
+def ring(s=0.0, t=3.0, r=8.5, cx=13.75, cy=13.6):
+    """A ring of mean radius r and thickness t, sheared by s."""
+    s, t = col(s), col(t)
+    return lambda x, y: ((unshear(x, y, s, cy) - cx).hypot(y - cy) - r).abs() <= t / 2
+
+
+def two_bars(d, s=0.0, t=2.0, h=18.0, cx=13.75, cy=13.6):
+    """Two vertical bars at x = cx ± d, thickness t, height h, sheared by s."""
+    left, right = bar(s, t, h, cx - d, cy), bar(s, t, h, cx + d, cy)
+    return lambda x, y: left(x, y) | right(x, y)
+
+
+def props(shape, n):
+    return evaluation.properties(render(shape, n)).double()
+
+
+# ------------------------------------------------------------------------------------------------
+# Properties
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [bar, ring, lambda s: two_bars(4.0, s)], ids=["bar", "ring", "two_bars"])
+def test_slant_is_the_shear(shape):
+    p = props(shape(list(SHEARS)), len(SHEARS))
+    assert torch.allclose(p[:, 0], torch.tensor(SHEARS, dtype=torch.float64), atol=0.03), p[:, 0]
+
+
+def test_slant_sign_top_leaning_right_is_positive():
+    img = -torch.ones(1, 1, 28, 28)
+    for i in range(4, 24):  # one pixel per row, further right towards the top
+        img[0, 0, i, 20 - (i - 4) // 2] = 1
+    assert evaluation.properties(img)[0, 0] > 0.3
+
+
+@pytest.mark.parametrize("cx", [13.5, 13.75, 14.0])
+@pytest.mark.parametrize("shape", [bar, ring], ids=["bar", "ring"])
+def test_thickness_is_the_stroke_thickness(shape, cx):
+    # a 1.5 px stroke centred on a pixel boundary is two half-inked pixels: it reads as 2 px, so it is left out
+    ts = [t for t in THICKNESSES if t >= 2 or cx != 13.5]
+    p = props(shape(0.0, ts, cx=cx), len(ts))
+    t = torch.tensor(ts, dtype=torch.float64)
+    assert ((p[:, 1] - t).abs() <= 0.1 * t).all(), p[:, 1]
+
+
+@pytest.mark.parametrize("t", THICKNESSES)
+def test_thickness_under_shear_and_slant_under_thickening(t):
+    s = torch.tensor(SHEARS, dtype=torch.float64)
+    p = props(bar(list(SHEARS), t), len(SHEARS))[:, 1]
+    perpendicular = t / (1 + s ** 2).sqrt()  # a shear thins a bar: 7% at s = 0.4
+    assert ((p - perpendicular).abs() <= 0.1 * perpendicular).all(), p
+    p = props(ring(list(SHEARS), t), len(SHEARS))[:, 1]
+    assert ((p - p[2]).abs() <= 0.1 * p[2]).all(), p
+    for shape in (bar, ring):
+        for shear in (-0.3, 0.0, 0.3):
+            p = props(shape(shear, list(THICKNESSES)), len(THICKNESSES))
+            assert (p[:, 0] - shear).abs().max() <= 0.03, p[:, 0]
+
+
+@pytest.mark.parametrize("d", [2.5, 4.0, 6.0])
+def test_width_of_two_bars_and_invariant_under_shear(d):
+    t = 2.0
+    p = props(two_bars(d, list(SHEARS), t), len(SHEARS))
+    want = math.sqrt(d ** 2 + t ** 2 / 12)
+    assert ((p[:, 2] - want).abs() <= 0.05 * want).all(), (p[:, 2], want)
+
+
+def test_empty_and_full_images_give_finite_properties():
+    p = evaluation.properties(torch.stack([-torch.ones(1, 28, 28), torch.ones(1, 28, 28)]))
+    assert torch.isfinite(p).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Mode coverage
+# ------------------------------------------------------------------------------------------------
+def test_class_coverage_known_histograms():
+    assert evaluation.class_coverage(torch.tensor([0, 0, 0, 500, 0, 0, 0, 0, 0, 0]), 500) == (1, pytest.approx(math.log(10)))
+    assert evaluation.class_coverage(torch.full((10,), 100), 1000) == (10, pytest.approx(0.0, abs=1e-12))
+    counts = torch.tensor([1300] * 7 + [701, 100, 99])  # N = 10,000: a uniform share is 1,000, 10% of it 100
+    classes, kl = evaluation.class_coverage(counts, 10000)
+    p = counts / counts.sum()
+    assert classes == 9 and kl == pytest.approx(float((p * (10 * p).log()).sum()))
+    # the same confident histogram among 4 times as many samples: 10% of a share is 400, which 8 classes reach
+    assert evaluation.class_coverage(counts, 40000)[0] == 8
+    assert evaluation.class_coverage(torch.zeros(10), 10000) == (0, math.inf)  # nothing confident: no mode
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluator on fake generators and a hand-made classifier
+# ------------------------------------------------------------------------------------------------
+N_NOISE, N_CAT, N_CONT = 4, 10, 2
+STDS = (0.25, 0.75, 1.15)  # about the real MNIST test digits' standard deviations
+
+
+class CentreInk(nn.Module):
+    """Digit 1 when the 4 x 2 pixels at the centre hold ink (a bar), digit 0 when they do not (a ring)."""
+
+    def forward(self, x):
+        m = (x[:, 0, 12:16, 13:15].mean((1, 2)) + 1) / 2  # ink in [0, 1] at the centre
+        logits = torch.zeros(x.shape[0], 10)
+        logits[:, 1], logits[:, 0] = 20 * (m - 0.5), -20 * (m - 0.5)
+        return logits
+
+
+class FakeG(nn.Module):
+    """Draws one stroke from the continuous codes (c1, c2) at the end of the latent; kind:
+    'shear_thick': a bar sheared by 0.1 c1 with thickness 2.5 + 0.5 c2 (codes rounded to 0.1, so that the
+    10,000 coverage samples need few distinct drawings);  'switch': a bar for c1 < 0, a ring otherwise."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.dummy = nn.Linear(1, 1)  # so that train()/eval() have something to act on
+        self.bar, self.ring = render(bar(), 1), render(ring(), 1)
+
+    def forward(self, latent):
+        if self.kind == "switch":
+            return torch.where(latent[:, -2, None, None, None] < 0, self.bar, self.ring)
+        codes, inverse = torch.unique((latent[:, -2:].double() * 10).round() / 10, dim=0, return_inverse=True)
+        return render(bar(0.1 * codes[:, 0], 2.5 + 0.5 * codes[:, 1]), len(codes), ss=4)[inverse]
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return evaluation.Evaluator("unused", "cpu", N_NOISE, N_CAT, N_CONT, classifier=CentreInk(), stds=STDS)
+
+
+def test_latent_layout_and_rng(evaluator):
+    d = N_NOISE + N_CAT + N_CONT
+    assert evaluator.latents.shape == (evaluation.N_COVERAGE, d)
+    cat = evaluator.latents[:, N_NOISE:N_NOISE + N_CAT]
+    assert torch.equal(cat.sum(1), torch.ones(len(cat))) and cat.argmax(1).bincount().min() > 900
+    assert evaluator.latents[:, -N_CONT:].abs().max() <= 1
+    t = evaluator.traversals[1].view(evaluation.N_TRAVERSAL, len(evaluation.VALUES), d)
+    assert torch.equal(t[:, :, -1], evaluation.VALUES.expand(evaluation.N_TRAVERSAL, -1))  # code 2 moves
+    assert torch.equal(t[:, :, :-1], t[:, :1, :-1].expand_as(t[:, :, :-1]))  # the rest stays
+    assert torch.equal(t[:, 0, N_NOISE:N_NOISE + N_CAT].argmax(1).bincount(), torch.full((10,), 10))
+    state = torch.get_rng_state()
+    again = evaluation.Evaluator("unused", "cpu", N_NOISE, N_CAT, N_CONT, classifier=CentreInk(), stds=STDS)
+    assert torch.equal(again.latents, evaluator.latents) and torch.equal(state, torch.get_rng_state())
+
+
+def test_shear_code_and_thickness_code(evaluator):
+    G = FakeG("shear_thick").train()
+    row = evaluator(G)
+    assert G.training  # mode restored
+    assert row["classes"] == 1 and row["kl_uniform"] == pytest.approx(math.log(10))  # always a bar: digit 1
+    assert row["c1_slant"] == pytest.approx(0.4 / STDS[0], rel=0.1)  # slant -0.2 .. 0.2
+    assert row["c1_purity"] > 0.8 and row["c1_switch"] == 0
+    assert evaluation.top_property(row, 1) == "slant" and evaluation.top_property(row, 2) == "thickness"
+    assert row["c2_thickness"] == pytest.approx(2.0 / STDS[1], rel=0.1)  # thickness 1.5 .. 3.5
+    assert row["c2_purity"] > 0.7
+    assert all(isinstance(v, float) for v in row.values())
+
+
+def test_a_code_that_changes_the_digit_is_not_pure(evaluator):
+    row = evaluator(FakeG("switch"))
+    assert row["classes"] == 2 and row["kl_uniform"] == pytest.approx(math.log(5), abs=0.02)
+    assert row["c1_switch"] == 1 and row["c1_purity"] == 0
+    assert row["c2_switch"] == 0 and row["c2_purity"] == 0  # c2 does nothing: no effect at all
+
+
+def test_classifier_is_cached_reloaded_and_retrained(tmp_path, capsys):
+    root = make_mnist(str(tmp_path))
+    path = tmp_path / "MNIST" / "digit_classifier.pt"
+    state = torch.get_rng_state()
+    first = evaluation.load_classifier(root, "cpu", steps=3)
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is not used
+    assert "training the digit classifier" in capsys.readouterr().out and path.exists()
+    assert not first.training and 0 <= first.accuracy <= 1 and (first.stds > 0).all()
+
+    again = evaluation.load_classifier(root, "cpu", steps=3)
+    assert capsys.readouterr().out == ""  # loaded, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert again.accuracy == first.accuracy and not again.training
+
+    make_mnist(root, seed=1)  # other training pixels: another fingerprint
+    evaluation.load_classifier(root, "cpu", steps=3)
+    assert "training the digit classifier" in capsys.readouterr().out
+
+    path.write_bytes(b"not a checkpoint")
+    evaluation.load_classifier(root, "cpu", steps=3)
+    assert "training the digit classifier" in capsys.readouterr().out
+
+
+def test_not_digits_are_images_in_range():
+    x = evaluation.not_digits(32, torch.Generator().manual_seed(0))
+    assert x.shape == (32, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
+
+
+def test_classifier_still_returned_when_the_cache_cannot_be_written(tmp_path, capsys, monkeypatch):
+    root = make_mnist(str(tmp_path))
+
+    def fail(*args, **kwargs):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(evaluation.torch, "save", fail)
+    model = evaluation.load_classifier(root, "cpu", steps=2)
+    out = capsys.readouterr().out
+    assert "warning: cannot write" in out and "not cached" in out and isinstance(model, evaluation.Classifier)
+
+
+def brute_force_accuracy(pred, labels, n):
+    return max(sum(int(perm[p]) == int(l) for p, l in zip(pred, labels)) for perm in itertools.permutations(range(n))) / len(labels)
+
+
+def test_hungarian_accuracy_known_answers():
+    labels = torch.arange(1000) % 10
+    perm = torch.tensor([3, 7, 0, 9, 1, 4, 8, 2, 6, 5])
+    assert evaluation.hungarian_accuracy(perm[labels], labels, 10) == 1.0  # perfect clustering, categories permuted
+    # two digits share one category: the best one-to-one map gets only one of them right
+    pred = perm[labels].clone()
+    pred[labels == 9] = perm[4]
+    assert evaluation.hungarian_accuracy(pred, labels, 10) == 0.9
+    # a constant prediction matches one digit only
+    assert evaluation.hungarian_accuracy(torch.zeros(1000, dtype=torch.long), labels, 10) == 0.1
+    # random confusions: the DP equals brute force over all permutations (5 classes), and n_cat < n_classes
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        labels5 = torch.randint(5, (60,), generator=g)
+        pred5 = torch.where(torch.rand(60, generator=g) < 0.5, (labels5 + 2) % 5, torch.randint(5, (60,), generator=g))
+        assert abs(evaluation.hungarian_accuracy(pred5, labels5, 5, n_classes=5) - brute_force_accuracy(pred5, labels5, 5)) < 1e-12
+    assert evaluation.hungarian_accuracy(labels % 4, labels, 4) == 0.4  # 4 categories: digits 0-3 (+4-9 folded in)
 
 
 def test_mode_metrics_on_known_samples():
@@ -503,384 +923,257 @@ def test_mode_metrics_on_known_samples():
     pts.append(m[4] + 2.9 * s * direction.expand(5, 2))        # 5 high quality (2.9σ) on mode 4
     pts.append(m[5] + 3.1 * s * direction.expand(45, 2))       # 45 just outside 3σ of mode 5
     pts.append(torch.zeros(50, 2, dtype=torch.float64))        # 50 at the centre, far from every mode
-    r = ui.mode_metrics(torch.cat(pts), m, s)
+    r = evaluation.mode_metrics(torch.cat(pts), m, s)
     assert (r["modes"], r["modes10"]) == (5, 4)
     assert r["hq_pct"] == pytest.approx(100 * 405 / 500)
     q = [100 / 405] * 4 + [5 / 405]
     assert r["reverse_kl"] == pytest.approx(sum(p * math.log(8 * p) for p in q), rel=1e-5)
-    uniform = ui.mode_metrics(m.repeat(10, 1), m, s)
+    uniform = evaluation.mode_metrics(m.repeat(10, 1), m, s)
     assert (uniform["modes"], uniform["modes10"], uniform["hq_pct"]) == (8, 8, 100.0)
     assert uniform["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
-    one = ui.mode_metrics(m[:1].repeat(20, 1), m, s)
+    one = evaluation.mode_metrics(m[:1].repeat(20, 1), m, s)
     assert (one["modes"], one["modes10"]) == (1, 1) and one["reverse_kl"] == pytest.approx(math.log(8), rel=1e-6)
-    assert math.isinf(ui.mode_metrics(torch.zeros(7, 2), m, s)["reverse_kl"])
-
-
-# ------------------------------------------------------------------------------------------------
-# Smoke runs and errors
-# ------------------------------------------------------------------------------------------------
-def test_ring_sweep_smoke_and_resume(tmp_path):
-    out = tmp_path / "runs"
-    run_script("unrolled_infogan.py", "--dataset", "ring", "--k", "0", "2", "--steps", "3", "--batch-size", "16",
-               "--log-every", "2", "--device", "cpu", "--out", out, cwd=tmp_path)
-    (sweep,) = [d for d in out.iterdir()]
-    assert (sweep / "comparison.md").exists() and (sweep / "fig03_scatter.png").exists()
-    runs = sorted(d for d in sweep.iterdir() if d.is_dir())
-    assert [r.name.split("__")[2] for r in runs] == ["k0", "k2"]
-    for r in runs:
-        for f in ("config.json", "metrics.csv", "checkpoint.pt", "fig03_scatter.png", "losses.png"):
-            assert (r / f).exists(), (r, f)
-        row = common.read_metrics(str(r / "metrics.csv"))[-1]
-        assert row["step"] == 3 and all(math.isfinite(row[c]) for c in ("loss_d", "loss_g", "hq_pct"))
-    proc = run_script("unrolled_infogan.py", "--dataset", "ring", "--k", "2", "--steps", "5", "--batch-size", "16",
-                      "--device", "cpu", "--resume", runs[1], cwd=tmp_path)
-    assert "done: 2 steps" in proc.stdout and "resumed at step 3" in proc.stdout
-    assert [r["step"] for r in common.read_metrics(str(runs[1] / "metrics.csv"))] == [3, 5]
-
-
-def test_mnist_sweep_smoke(tmp_path, tiny_mnist):
-    out = tmp_path / "runs"
-    run_script("unrolled_infogan.py", "--dataset", "mnist", "--data-root", tiny_mnist, "--k", "0", "2", "--steps", "3",
-               "--batch-size", "16", "--log-every", "2", "--device", "cpu", "--out", out, cwd=tmp_path)
-    (sweep,) = [d for d in out.iterdir()]
-    table = (sweep / "comparison.md").read_text()
-    assert "| 0 | 3 |" in table and "| 2 | 3 |" in table and (sweep / "fig12_q_loss.png").exists()
-    for r in (d for d in sweep.iterdir() if d.is_dir()):
-        for f in ("fig04_traversal_c1.png", "fig05_traversal_c2.png", "samples.png", "checkpoint.pt"):
-            assert (r / f).exists(), (r, f)
-        row = common.read_metrics(str(r / "metrics.csv"))[-1]
-        assert row["step"] == 3 and all(math.isfinite(row[c]) for c in ("loss_d", "loss_g", "li_cat", "li_cont"))
-        assert 0 <= row["test_acc"] <= 1
-
-
-@pytest.mark.parametrize("args", [["--k", "-1"], ["--dataset", "ring", "--n-cat", "10"], ["--k", "5", "0", "5"],
-                                  ["--epochs", "0"], ["--dataset", "ring", "--unroll-lr", "0"], ["--n-cat", "1"],
-                                  ["--k", "0", "5", "--resume", "x"]])
-def test_unrolled_bad_flags_are_one_line(args):
-    parse_error(ui, args)
-
-
-def test_unrolled_bad_input_in_a_subprocess_and_bad_resume(tmp_path):
-    line = one_line_error(run_script("unrolled_infogan.py", "--k", "-1", "--device", "cpu", cwd=tmp_path, expect_rc=None))
-    assert "--k must be >= 0 (got -1)" in line
-    bogus = tmp_path / "checkpoint.pt"
-    bogus.write_text("not a checkpoint")
-    with pytest.raises(SystemExit) as e:
-        ui.main(["--dataset", "ring", "--resume", str(bogus), "--device", "cpu"])
-    assert "is not a checkpoint" in str(e.value) and "\n" not in str(e.value)
+    assert math.isinf(evaluation.mode_metrics(torch.zeros(7, 2), m, s)["reverse_kl"])
 
 
 # ------------------------------------------------------------------------------------------------
 # beta_vae.py and vae_gan.py
 # ------------------------------------------------------------------------------------------------
-FAST = ("--steps", "3", "--batch-size", "16", "--device", "cpu", "--log-every", "2", "--mig-samples", "300")
+MODULES = [beta_vae, vae_gan]
+SMALL = {beta_vae: [], vae_gan: ["--width", "0.125"]}  # vae_gan at the paper's width is too slow for a test
 
 
-# ------------------------------------------------------------------------------------------------
-# Math
-# ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("module", [beta_vae, vae_gan])
+@pytest.mark.parametrize("module", MODULES)
 def test_kl_matches_closed_form_and_torch_distributions(module):
-    # hand values: N(1, 1) -> 0.5; N(0, e^2) -> 0.5 (e^2 - 2 - 1); N(0, 1) -> 0; each averaged over the batch
+    # hand values: N(1, 1) -> 0.5; N(0, e^2) -> 0.5 (e^2 - 2 - 1); N(0, 1) -> 0; each a mean over the batch
     mu = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     logvar = torch.tensor([[0.0, 2.0, 0.0], [0.0, 2.0, 0.0]])
-    expected = torch.tensor([0.5, 0.5 * (math.e ** 2 - 3), 0.0])
-    assert torch.allclose(module.kl_per_latent(mu, logvar), expected, atol=1e-6)
+    assert torch.allclose(module.kl_per_latent(mu, logvar), torch.tensor([0.5, 0.5 * (math.e ** 2 - 3), 0.0]), atol=1e-6)
     g = torch.Generator().manual_seed(0)
     mu, logvar = torch.randn(64, 10, generator=g, dtype=torch.float64), torch.randn(64, 10, generator=g, dtype=torch.float64)
     q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
     p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
-    ref = torch.distributions.kl_divergence(q, p).mean(0)
-    assert torch.allclose(module.kl_per_latent(mu, logvar), ref, atol=1e-12)
+    assert torch.allclose(module.kl_per_latent(mu, logvar), torch.distributions.kl_divergence(q, p).mean(0), atol=1e-12)
 
 
 def test_reconstruction_is_summed_over_pixels_and_averaged_over_batch():
     # logits 0 -> p = 0.5: BCE = log 2 per pixel; 4 pixels per image -> 4 log 2 per image, whatever B is
     for b in (1, 2, 5):
         x = (torch.rand(b, 1, 2, 2) > 0.5).float()
-        assert torch.isclose(beta_vae.reconstruction_loss(torch.zeros(b, 1, 2, 2), x, "bernoulli"),
-                             torch.tensor(4 * math.log(2)))
+        assert torch.isclose(beta_vae.reconstruction_loss(torch.zeros(b, 1, 2, 2), x, "bernoulli"), torch.tensor(4 * math.log(2)))
     # twice the pixels -> twice the loss (a per-pixel mean would keep it constant)
     assert torch.isclose(beta_vae.reconstruction_loss(torch.zeros(3, 1, 2, 4), torch.ones(3, 1, 2, 4), "bernoulli"),
                          torch.tensor(8 * math.log(2)))
     # Gaussian (colour): sigmoid(0) = 0.5 vs x = 1 -> 0.25 per value; 3 x 2 x 2 values -> 3.0 per image
     assert torch.isclose(beta_vae.reconstruction_loss(torch.zeros(7, 3, 2, 2), torch.ones(7, 3, 2, 2), "gaussian"),
                          torch.tensor(3.0))
-    # VAE-GAN's feature likelihood: ½ Σ over features, mean over the batch
+    # VAE-GAN's feature likelihood: ½ Σ over the features, mean over the batch
     assert torch.isclose(vae_gan.feature_nll(torch.ones(5, 12), torch.zeros(5, 12)), torch.tensor(6.0))
+    assert torch.isclose(vae_gan.feature_nll(torch.ones(1, 12), torch.zeros(1, 12)), torch.tensor(6.0))
 
 
-def synthetic_factors(n=10000, sizes=(3, 6, 10), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randint(s, (n,), generator=g) for s in sizes], dim=1), g
-
-
-@pytest.mark.parametrize("module", [beta_vae, vae_gan])
+@pytest.mark.parametrize("module", MODULES)
 def test_mig_on_codes_with_known_answers(module):
     sizes = (3, 6, 10)
-    f, g = synthetic_factors(sizes=sizes)
+    g = torch.Generator().manual_seed(0)
+    f = torch.stack([torch.randint(s, (10000,), generator=g) for s in sizes], dim=1)
     noise = torch.randn(len(f), 3, generator=g)
     # every factor copied into its own latent (plus 3 noise latents): each gap ~ 1
-    perfect = module.mig(torch.cat([f.float(), noise], 1), f, sizes)
-    assert perfect > 0.97, perfect
+    assert module.mig(torch.cat([f.float(), noise], 1), f, sizes) > 0.97
     # one latent equal to factor 1, the rest noise: gap ~1 for factor 1 and ~0 for the others -> MIG ~ 1/3
-    one = module.mig(torch.cat([noise, f[:, 1:2].float() * 0.3 + 2.0], 1), f, sizes)
-    assert abs(one - 1 / 3) < 0.02, one
+    assert abs(module.mig(torch.cat([noise, f[:, 1:2].float() * 0.3 + 2.0], 1), f, sizes) - 1 / 3) < 0.02
     # the same codes, shuffled against the factors: independent -> ~0
-    shuffled = module.mig(torch.cat([f.float(), noise], 1)[torch.randperm(len(f), generator=g)], f, sizes)
-    assert 0 <= shuffled < 0.02, shuffled
+    assert 0 <= module.mig(torch.cat([f.float(), noise], 1)[torch.randperm(len(f), generator=g)], f, sizes) < 0.02
     # a factor shared by two latents gives no gap, even though both latents are informative
-    twice = module.mig(torch.cat([f[:, :1].float(), f[:, :1].float() * 2], 1), f[:, :1], sizes[:1])
-    assert abs(twice) < 1e-9
+    assert abs(module.mig(torch.cat([f[:, :1].float(), f[:, :1].float() * 2], 1), f[:, :1], sizes[:1])) < 1e-9
+    # a constant factor is left out of the mean (its entropy is 0)
+    const = torch.cat([torch.zeros(len(f), 1, dtype=torch.long), f[:, :1]], 1)
+    assert module.mig(f[:, :1].float(), const, (2, 3)) == pytest.approx(1.0)
+
+
+def test_recon_quality_known_answers():
+    x = torch.zeros(2, 1, 4, 4)
+    assert beta_vae.recon_quality(x, x) == (0.0, 0.0)
+    assert beta_vae.recon_quality(x, torch.full_like(x, 0.5)) == (0.25, 100.0)  # all grey
+    rec = x.clone()
+    rec[:, :, :2] = 1.0  # half the pixels white: MSE 0.5, no grey pixel
+    assert beta_vae.recon_quality(x, rec) == (0.5, 0.0)
+
+
+def test_both_scripts_draw_the_same_fixed_sprites():
+    ctx = [m.setup(m.parse_args(["--device", "cpu", "--mig-samples", "20", *SMALL[m]]))[1] for m in MODULES]
+    assert ctx[0]["x"].shape == (20, 1, 64, 64) and ctx[0]["x"].dtype == torch.int8
+    assert torch.equal(ctx[0]["x"] * 2 - 1, ctx[1]["x"])  # [0, 1] for the sigmoid decoder, [-1, 1] for the tanh one
+    assert torch.equal(ctx[0]["factors"], ctx[1]["factors"])
 
 
 # ------------------------------------------------------------------------------------------------
 # Smoke runs
 # ------------------------------------------------------------------------------------------------
-def run_folder(out):
-    (folder,) = [os.path.join(out, d) for d in os.listdir(out)]
-    return folder
+FIGURES = ("reconstructions.png", "samples.png", "fig14_traversals.png", "fig15_kl_per_latent.png", "losses.png")
 
 
-def vae_check_run(folder, sprites, extra=()):
-    for name in ("config.json", "metrics.csv", "checkpoint.pt", "reconstructions.png", "samples.png",
-                 "fig14_traversals.png", "fig15_kl_per_latent.png", "losses.png", *extra):
+def check_run(module, folder, sprites, latents, last_step=3):
+    for name in ("config.json", "metrics.csv", "checkpoint.pt", *FIGURES):
         assert os.path.exists(os.path.join(folder, name)), name
-    rows = common.read_metrics(os.path.join(folder, "metrics.csv"))
-    assert rows[-1]["step"] == 3
-    values = [v for k, v in rows[-1].items() if k != "mig"]
-    assert all(math.isfinite(v) for v in values), rows[-1]
-    assert math.isfinite(rows[-1]["mig"]) == sprites
+    header = open(os.path.join(folder, "metrics.csv")).readline().strip().split(",")
+    assert header == ["epoch", "step", "steps_per_s", "seconds", *module.LOSSES, *[f"kl_z{j}" for j in range(latents)], "mig"]
+    row = common.read_metrics(os.path.join(folder, "metrics.csv"))[-1]
+    assert row["step"] == last_step
+    assert all(math.isfinite(v) for k, v in row.items() if k != "mig"), row
+    assert math.isfinite(row["mig"]) == sprites and (not sprites or 0 <= row["mig"] <= 1)
+    ckpt = torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)
+    assert ckpt["script"] == module.SCRIPT and ckpt["step"] == last_step
 
 
-@pytest.fixture(scope="module")
-def beta_vae_sprites_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bvae")
-    run_script("beta_vae.py", "--dataset", "sprites", *FAST, "--out", out, cwd=out)
-    return run_folder(str(out))
+def check_run(module, folder, sprites, latents, last_step=3):
+    for name in ("config.json", "metrics.csv", "checkpoint.pt", *FIGURES):
+        assert os.path.exists(os.path.join(folder, name)), name
+    header = open(os.path.join(folder, "metrics.csv")).readline().strip().split(",")
+    assert header == ["epoch", "step", "steps_per_s", "seconds", *module.LOSSES, *[f"kl_z{j}" for j in range(latents)], "mig"]
+    row = common.read_metrics(os.path.join(folder, "metrics.csv"))[-1]
+    assert row["step"] == last_step
+    assert all(math.isfinite(v) for k, v in row.items() if k != "mig"), row
+    assert math.isfinite(row["mig"]) == sprites and (not sprites or 0 <= row["mig"] <= 1)
+    ckpt = torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)
+    assert ckpt["script"] == module.SCRIPT and ckpt["step"] == last_step
 
 
-def test_beta_vae_sprites_smoke_and_resume(beta_vae_sprites_run):
-    vae_check_run(beta_vae_sprites_run, sprites=True, extra=("fig14_traversals_b.png",))
-    header = open(os.path.join(beta_vae_sprites_run, "metrics.csv")).readline().strip().split(",")
-    assert header == ["epoch", "step", "seconds", "steps_per_s", "recon", "kl",
-                      *[f"kl_z{j}" for j in range(10)], "mig"]
-    # resume continues the same run folder from step 3 to step 5
-    proc = run_script("beta_vae.py", "--dataset", "sprites", *FAST[:-2], "--mig-samples", "300", "--steps", "5",
-                      "--resume", beta_vae_sprites_run, cwd=beta_vae_sprites_run)
-    assert "step 5/5" in proc.stdout
-    steps = [r["step"] for r in common.read_metrics(os.path.join(beta_vae_sprites_run, "metrics.csv"))]
-    assert steps == [3, 5]
-
-
+@pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("dataset", ["mnist", "celeba"])
-def test_beta_vae_smoke_mnist_and_folder(dataset, tiny_mnist, tiny_celeba, tmp_path):
+def test_smoke_mnist_and_image_folder(module, dataset, tiny_mnist, tiny_celeba, tmp_path):
     root = tiny_mnist if dataset == "mnist" else tiny_celeba
-    run_script("beta_vae.py", "--dataset", dataset, "--data-root", root, *FAST[:2], "--batch-size", "4",
-               "--device", "cpu", "--capacity", "5", "--out", tmp_path, cwd=tmp_path)
-    vae_check_run(run_folder(str(tmp_path)), sprites=False)
+    folder = run(module, tmp_path, "--dataset", dataset, "--data-root", root, "--steps", "3", "--batch-size", "8",
+                 "--latents", "6", *SMALL[module])
+    check_run(module, folder, sprites=False, latents=6)  # one epoch: 3 steps of 8 of the 24 JPEGs, or of 256 digits
 
 
-def test_vae_gan_sprites_smoke_with_comparison(beta_vae_sprites_run, tmp_path):
-    proc = run_script("vae_gan.py", "--dataset", "sprites", *FAST, "--latents", "6", "--width", "0.125",
-                      "--compare-with", beta_vae_sprites_run, "--out", tmp_path, cwd=tmp_path)
-    assert "comparison" in proc.stdout
-    vae_check_run(run_folder(str(tmp_path)), sprites=True, extra=("vae_gan_vs_beta_vae.png",))
-
-
-@pytest.mark.parametrize("dataset", ["mnist", "celeba"])
-def test_vae_gan_smoke_mnist_and_folder(dataset, tiny_mnist, tiny_celeba, tmp_path):
-    root = tiny_mnist if dataset == "mnist" else tiny_celeba
-    run_script("vae_gan.py", "--dataset", dataset, "--data-root", root, *FAST[:2], "--batch-size", "4",
-               "--device", "cpu", "--latents", "8", "--width", "0.125", "--out", tmp_path, cwd=tmp_path)
-    vae_check_run(run_folder(str(tmp_path)), sprites=False)
-
-
-# ------------------------------------------------------------------------------------------------
-# Bad input: one line each
-# ------------------------------------------------------------------------------------------------
-def test_bad_beta_gives_one_line_error_on_the_command_line(tmp_path):
-    assert "--beta" in one_line_error(run_script("beta_vae.py", "--beta", "-1", cwd=tmp_path, expect_rc=None))
-
-
-def error_of(module, *argv):
-    """The one-line message main() stops with (in-process: faster than a subprocess per case)."""
-    with pytest.raises(SystemExit) as e:
-        module.main([str(a) for a in argv])
-    msg = str(e.value)
-    assert msg.startswith("error:") and "\n" not in msg, msg
-    return msg
-
-
-@pytest.mark.parametrize("module", [beta_vae, vae_gan])
-def test_vae_bad_input_gives_one_line_errors(module, tmp_path):
-    assert "--beta must be > 0 (got -1.0)" in error_of(module, "--beta", "-1")
-    assert "--steps" in error_of(module, "--steps", "0")
-    msg = error_of(module, "--dataset", "celeba", "--data-root", tmp_path / "nowhere", "--device", "cpu")
-    assert "img_align_celeba" in msg and "--data-root" in msg
-    empty = tmp_path / "empty"
-    (empty / "img_align_celeba").mkdir(parents=True)
-    (empty / "img_align_celeba" / "readme.txt").write_text("no images here")
-    assert "no images" in error_of(module, "--dataset", "celeba", "--data-root", empty, "--device", "cpu")
-    (tmp_path / "junk.pt").write_text("not a checkpoint")
-    assert "not a checkpoint" in error_of(module, "--resume", tmp_path / "junk.pt", "--device", "cpu",
-                                          "--mig-samples", "10", "--out", tmp_path)
-    assert not os.path.exists(tmp_path / "runs")
+@pytest.mark.parametrize("module", MODULES)
+def test_bad_flags_give_one_line_errors(module, tmp_path):
+    for argv, words in ((["--latents", "0"], "--latents"), (["--mig-samples", "4"], "--mig-samples"), (["--lr", "nan"], "--lr"),
+                        (["--beta", "-1"], "--beta")):
+        with pytest.raises(SystemExit) as e:
+            module.main([*argv, "--device", "cpu", "--out", str(tmp_path)])
+        assert str(e.value).startswith("error:") and words in str(e.value) and "\n" not in str(e.value)
+    assert not os.listdir(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
 # vae_infogan.py
 # ------------------------------------------------------------------------------------------------
-def tiny_gan(seed=0):
-    """float64 nets with smooth activations: G noise (6, 3) -> 8x8 images, D with BatchNorm in its body."""
+def small_vae_infogan(*flags, seed=0):
+    """args, nets and optimizers of a small 64x64 model (4 latents, 2 of them information latents)."""
+    args = vi.parse_args(["--width", "4", "--latents", "4", "--n-info", "2", "--device", "cpu", *flags])
     torch.manual_seed(seed)
-    G = nn.Sequential(nn.Linear(3, 64), nn.Sigmoid(), nn.Unflatten(1, (1, 8, 8))).double()
-    D = vi.Discriminator(1, 8, 2, (3, 4), act=nn.SiLU).double()
-    d_opt = torch.optim.Adam([p for n, p in D.named_parameters() if not n.startswith("q.")], lr=0.05, betas=(0.5, 0.999))
-    x_real, noise = torch.rand(6, 1, 8, 8, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
-    for _ in range(2):  # real Adam moments and step count to start the unroll from
-        d_opt.zero_grad()
-        vi.d_loss(D(x_real)[0], D(G(noise).detach())[0]).backward()
-        d_opt.step()
-    return G, D, d_opt, x_real, noise
+    return (args, *vi.build(args, (1, 64, 64)))
 
 
-def test_vae_infogan_unrolled_gradient_matches_finite_differences():
-    G, D, d_opt, x_real, noise = tiny_gan()
+def tiny_unroll(seed=0):
+    """float64: G, noise (6, 3) -> 64x64 images; this script's D at width 2 with SiLU in its body (smooth, for finite
+    differences); D's Adam after two real steps (moments and a step count to start the unroll from)."""
+    torch.manual_seed(seed)
+    G = nn.Sequential(nn.Linear(3, 4096), nn.Sigmoid(), nn.Unflatten(1, (1, 64, 64))).double()
+    D = vi.DCGANDiscriminator(1, 64, 2, 2).double()
+    for i, m in enumerate(D.body):
+        if isinstance(m, nn.LeakyReLU):
+            D.body[i] = nn.SiLU()
+    opt_d = torch.optim.Adam([*D.body.parameters(), *D.d_head.parameters()], lr=0.05, betas=(0.5, 0.999))
+    x, noise = torch.rand(6, 1, 64, 64, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    for _ in range(2):
+        opt_d.zero_grad()
+        vi.d_loss(D(x)[0], D(G(noise).detach())[0]).backward()
+        opt_d.step()
+    return G, D, opt_d, x, noise
+
+
+def test_vae_infogan_unrolled_gradient_matches_central_finite_differences():
+    G, D, opt_d, x, noise = tiny_unroll()
     params = dict(G.named_parameters())
 
-    def f(p, first_order=False):
-        return vi.unrolled_g_loss(D, d_opt, x_real, functional_call(G, p, (noise,)), 3, first_order)
+    def f(p, first_order=False):  # f_K of G's parameters p, K = 3
+        return vi.unrolled_g_loss(D, opt_d, x, functional_call(G, p, (noise,)), 3, 0.05, first_order=first_order)
 
-    grads = torch.autograd.grad(f(params), list(params.values()))
-    grads_fo = torch.autograd.grad(f(params, True), list(params.values()))
-    gen = torch.Generator().manual_seed(1)
-    eps = 1e-6
-    for _ in range(3):
-        d = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
-        # (not under no_grad: the unroll itself differentiates D's loss)
+    exact = torch.autograd.grad(f(params), list(params.values()))
+    first = torch.autograd.grad(f(params, True), list(params.values()))
+    g, eps = torch.Generator().manual_seed(1), 1e-6
+    for _ in range(3):  # directional derivatives along random directions d
+        d = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
         fd = (f({n: p + eps * d[n] for n, p in params.items()}) - f({n: p - eps * d[n] for n, p in params.items()})).detach() / (2 * eps)
-        exact = sum((g * d[n]).sum() for g, n in zip(grads, params))
-        first = sum((g * d[n]).sum() for g, n in zip(grads_fo, params))
-        assert abs(fd - exact) / abs(exact) < 1e-5, (float(fd), float(exact))
-        assert abs(first - exact) / abs(exact) > 1e-3, (float(first), float(exact))
+        along = [float(sum((gr * d[n]).sum() for gr, n in zip(grads, params))) for grads in (exact, first)]
+        assert abs(float(fd) - along[0]) < 1e-6 * abs(along[0]), (float(fd), along)
+        assert abs(along[1] - along[0]) > 1e-3 * abs(along[0])  # the second term of eq. (11) matters here
 
 
-def test_vae_infogan_k0_is_the_plain_generator_loss():
-    G, D, d_opt, x_real, noise = tiny_gan()
-    fake = G(noise)
-    assert torch.equal(vi.unrolled_g_loss(D, d_opt, x_real, fake, 0), vi.g_loss(vi.d_call(D, fake)[0]))
+def test_vae_infogan_one_optimizer_per_parameter_and_q_shares_ds_body():
+    _, nets, opts = small_vae_infogan()
+    owner = {id(p): k for k, o in opts.items() for group in o.param_groups for p in group["params"]}
+    assert sum(len(g["params"]) for o in opts.values() for g in o.param_groups) == len(owner)  # no parameter twice
+    assert set(owner) == {id(p) for m in nets.values() for p in m.parameters()}  # and none left out
+    D = nets["D"]
+    assert {owner[id(p)] for p in [*D.body.parameters(), *D.d_head.parameters()]} == {"d"}
+    assert {owner[id(p)] for p in D.q_head.parameters()} == {"dec"}
 
 
-def snapshot(D, d_opt):
-    return ({n: t.clone() for n, t in D.state_dict().items()},
-            copy.deepcopy({k: {s: (v.clone() if torch.is_tensor(v) else v) for s, v in st.items()}
-                           for k, st in d_opt.state_dict()["state"].items()}))
+def test_vae_infogan_after_ds_step_d_its_buffers_and_its_adam_stay_bit_for_bit():
+    args, nets, opts = small_vae_infogan("--k", "3")
+    x = torch.rand(8, 1, 64, 64)
+    vi.train_step(nets, opts, x, args)  # Adam moments and a step count in every optimizer
+    after_d_step, d_step = [], opts["d"].step
+    d_state = lambda: copy.deepcopy(({k: v for k, v in nets["D"].state_dict().items() if not k.startswith("q_head.")},  # noqa
+                                     opts["d"].state_dict()))
 
+    def step_and_copy():
+        d_step()
+        after_d_step.append(d_state())
 
-def test_vae_infogan_generator_step_leaves_d_bit_for_bit():
-    args = vi.parse_args(["--dataset", "mnist", "--width", "4", "--latents", "4", "--n-info", "2", "--k", "3", "--device", "cpu"])
-    torch.manual_seed(0)
-    nets = vi.build(args, (1, 28, 28))
-    D = nets["disc"]
-    adam = lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.5, 0.999))
-    opts = {"enc": adam(nets["enc"].parameters()), "dec": adam(nets["dec"].parameters()),
-            "disc": adam([p for n, p in D.named_parameters() if not n.startswith("q.")]),
-            "q": adam([p for n, p in D.named_parameters() if not n.startswith("adv.")])}
-    x = torch.rand(8, 1, 28, 28)
-    for _ in range(2):
-        vi.train_step(nets, opts, x, args)
-    before, dec_before = snapshot(D, opts["disc"]), copy.deepcopy(nets["dec"].state_dict())
-    mu, logvar, z, z_p, fakes = vi.forward(nets["enc"], nets["dec"], x)
-    vi.generator_step(nets, opts, x, mu, logvar, z, z_p, fakes, args)
-    assert_same(before, snapshot(D, opts["disc"]))
-    assert not torch.equal(dec_before["fc.0.weight"], nets["dec"].state_dict()["fc.0.weight"])  # it did train
+    opts["d"].step = step_and_copy
+    q0, dec0 = copy.deepcopy(nets["D"].q_head.state_dict()), copy.deepcopy(nets["dec"].state_dict())
+    vi.train_step(nets, opts, x, args)
+    assert len(after_d_step) == 1
+    assert_same(after_d_step[0], d_state())  # the unroll, L_I and Dis_l ran on copies
+    assert not torch.equal(q0["2.weight"], nets["D"].q_head.state_dict()["2.weight"])  # Q's head did train
+    assert not torch.equal(dec0["0.weight"], nets["dec"].state_dict()["0.weight"])
 
 
 def test_vae_infogan_gan_loss_reaches_the_decoder_only():
-    """The routing table: with β, both reconstruction weights and λ at 0, the encoder's loss is 0, so one step of a
-    fresh Adam leaves it bit for bit; the decoder still trains on f_K. With the feature term back, the encoder moves."""
-    for weight in (0.0, 1.0):
-        args = vi.parse_args(["--dataset", "mnist", "--width", "4", "--latents", "4", "--n-info", "2", "--k", "2",
-                              "--beta", "0", "--pixel-weight", "0", "--lambda-info", "0", "--feature-weight", str(weight)])
-        torch.manual_seed(0)
-        nets = vi.build(args, (1, 28, 28))
-        opts = {k: torch.optim.Adam(m.parameters(), lr=1e-2) for k, m in nets.items()}
-        enc0 = {n: p.detach().clone() for n, p in nets["enc"].named_parameters()}  # (BatchNorm stats do move)
-        dec0 = copy.deepcopy(nets["dec"].state_dict())
-        x = torch.rand(8, 1, 28, 28)
-        vi.generator_step(nets, opts, x, *vi.forward(nets["enc"], nets["dec"], x), args)
-        enc_same = all(torch.equal(enc0[n], p) for n, p in nets["enc"].named_parameters())
-        assert enc_same == (weight == 0.0)
-        assert not torch.equal(dec0["fc.0.weight"], nets["dec"].state_dict()["fc.0.weight"])
+    """From the same state and noise, K = 0 and K = 2 change f_K: the decoder ends up different, the encoder the same."""
+    after = []
+    for k in ("0", "2"):
+        args, nets, opts = small_vae_infogan("--k", k)
+        torch.manual_seed(3)
+        vi.train_step(nets, opts, torch.rand(8, 1, 64, 64, generator=torch.Generator().manual_seed(4)), args)
+        after.append({name: copy.deepcopy(nets[name].state_dict()) for name in ("enc", "dec")})
+    assert_same(after[0]["enc"], after[1]["enc"])
+    assert not torch.equal(after[0]["dec"]["0.weight"], after[1]["dec"]["0.weight"])
 
 
-def test_vae_infogan_kl_split_with_hand_set_encoder_output():
-    enc = vi.Encoder(1, 28, 4, (2, 2))
-    mu = torch.tensor([1.0, 0.0, -2.0, 0.5])
-    logvar = torch.tensor([0.0, math.log(4.0), math.log(0.25), 0.0])
-    last = enc.net[-1]
-    with torch.no_grad():
-        last.weight.zero_()
-        last.bias.copy_(torch.cat([mu, logvar]))  # every image encodes to (mu, logvar)
-    with torch.no_grad():
-        kl_lat = vi.kl_per_latent(*enc(torch.rand(5, 1, 28, 28)))
-    kl_info, kl_rest = vi.kl_split(kl_lat, 2)
+@pytest.mark.parametrize("cut", [False, True])
+def test_vae_infogan_encoder_gets_l_i_only_through_the_decoded_image(cut):
+    """β = 0: the encoder's gradient comes through the decoded images alone (reconstruction and λ·L_I). With that path
+    cut (the decoder's output detached) nothing may be left: L_I's target c = z[:, :n_info] is detached."""
+    args, nets, opts = small_vae_infogan("--k", "0", "--beta", "0", "--lambda-info", "1")
+    if cut:
+        nets["dec"].register_forward_hook(lambda module, inputs, out: out.detach())
+    vi.train_step(nets, opts, torch.rand(8, 1, 64, 64), args)
+    grads = [p.grad for p in nets["enc"].parameters()]
+    assert any(g is not None and bool(g.abs().sum() > 0) for g in grads) == (not cut)
+
+
+def test_vae_infogan_evaluate_splits_the_kl_with_a_hand_set_encoder():
+    args, nets, _ = small_vae_infogan()
+    mu, logvar = torch.tensor([1.0, 0.0, -2.0, 0.5]), torch.tensor([0.0, math.log(4.0), math.log(0.25), 0.0])
+    with torch.no_grad():  # every image encodes to (μ, log σ²)
+        nets["enc"][-1].weight.zero_()
+        nets["enc"][-1].bias.copy_(torch.cat([mu, logvar]))
+    row = vi.evaluate(nets, {"x": torch.rand(5, 1, 64, 64)}, args)
     closed = [0.5 * (m ** 2 + math.exp(lv) - lv - 1) for m, lv in zip(mu.tolist(), logvar.tolist())]
-    assert torch.allclose(kl_lat, torch.tensor(closed), atol=1e-6)
-    assert abs(float(kl_info) - (0.5 + 0.5 * (3 - math.log(4))) / 2) < 1e-6
-    assert abs(float(kl_rest) - (0.5 * (4 + 0.25 + math.log(4) - 1) + 0.125) / 2) < 1e-6
+    assert [row[f"kl_z{j}"] for j in range(4)] == pytest.approx(closed, abs=1e-6)
+    assert row["kl_info"] == pytest.approx((0.5 + 0.5 * (3 - math.log(4))) / 2, abs=1e-6)
+    assert row["kl_rest"] == pytest.approx((0.5 * (4 + 0.25 + math.log(4) - 1) + 0.125) / 2, abs=1e-6)
 
 
-def test_vae_infogan_mig_known_answers():
-    f = torch.cartesian_prod(torch.arange(3), torch.arange(6)).repeat(10, 1)  # independent factors, all combinations
-    assert abs(vi.mig(f.float() * 0.7 - 1, f)[0] - 1.0) < 1e-9  # one latent per factor: perfect
-    codes = torch.stack([f[:, 0], f[:, 0], f[:, 1]], 1).float()  # factor 0 in two latents: gap 0 for it
-    assert abs(vi.mig(codes, f)[0] - 0.5) < 1e-9
-    assert abs(float(vi.mutual_info(f[:, 0], f[:, 0])) - math.log(3)) < 1e-9
-
-
-def vi_check_run(out, n_latents):
-    (run,) = [os.path.join(out, d) for d in os.listdir(out)]
-    for name in ("config.json", "metrics.csv", "checkpoint.pt", "fig14_traversals.png", "fig15_kl_per_latent.png",
-                 "reconstructions.png", "samples.png", "losses.png"):
-        assert os.path.exists(os.path.join(run, name)), name
-    row = common.read_metrics(os.path.join(run, "metrics.csv"))[-1]
-    assert row["step"] == 3 and all(math.isfinite(v) for v in row.values())
-    assert f"kl_z{n_latents - 1}" in row and "kl_info" in row and "kl_rest" in row
-    return run, row
-
-
-def test_vae_infogan_smoke_sprites(tmp_path):
-    run_script("vae_infogan.py", "--steps", "3", "--batch-size", "16", "--device", "cpu", "--out", tmp_path,
-               "--width", "4", "--k", "2", "--mig-samples", "300", cwd=tmp_path)
-    run, row = vi_check_run(str(tmp_path), 10)
-    assert 0 <= row["mig_info"] <= 1 and 0 <= row["mig_all"] <= 1
-    assert "shape" in open(os.path.join(run, "factors.txt")).read()
-
-
-def test_vae_infogan_smoke_mnist_and_resume(tmp_path, tiny_mnist):
-    args = ["--dataset", "mnist", "--data-root", tiny_mnist, "--batch-size", "16", "--device", "cpu", "--out", tmp_path,
-            "--width", "4", "--k", "2"]
-    run_script("vae_infogan.py", *args, "--steps", "3", cwd=tmp_path)
-    run, _ = vi_check_run(str(tmp_path), 10)
-    proc = run_script("vae_infogan.py", *args, "--steps", "5", "--resume", run, cwd=tmp_path)
-    assert "done: 5 steps" in proc.stdout and common.read_metrics(os.path.join(run, "metrics.csv"))[-1]["step"] == 5
-    with pytest.raises(SystemExit, match="^error: .*--latents 10, not 12$"):  # a checkpoint of other shapes
-        vi.load_checkpoint(run, vi.parse_args([*map(str, args), "--latents", "12"]))
-
-
-def test_vae_infogan_smoke_celeba_folder(tmp_path, tiny_celeba):
-    run_script("vae_infogan.py", "--dataset", "celeba", "--data-root", tiny_celeba, "--steps", "3", "--batch-size", "4",
-               "--device", "cpu", "--out", tmp_path, "--width", "4", "--k", "1", "--latents", "8", cwd=tmp_path)
-    vi_check_run(str(tmp_path), 8)
-
-
-@pytest.mark.parametrize("flags", [["--n-info", "11"], ["--n-info", "0"], ["--k", "-1"]])
-def test_vae_infogan_bad_flags_are_one_line(flags):
-    assert parse_error(vi, flags).startswith("error: --")
-
-
-def test_vae_infogan_bad_input_in_a_subprocess(tmp_path):
-    line = one_line_error(run_script("vae_infogan.py", "--n-info", "11", "--device", "cpu", cwd=tmp_path, expect_rc=None))
-    assert "--n-info" in line and "--latents" in line
+def test_vae_infogan_on_a_folder_of_photos(tiny_celeba, tmp_path):
+    folder = run(vi, tmp_path, "--dataset", "celeba", "--data-root", tiny_celeba, "--steps", "2", "--batch-size", "8",
+                 "--latents", "6", "--n-info", "2", "--width", "4", "--k", "1")
+    row = common.read_metrics(os.path.join(folder, "metrics.csv"))[-1]
+    assert row["step"] == 2 and all(math.isfinite(v) for v in row.values())
