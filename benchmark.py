@@ -8,6 +8,7 @@ the CUDA peak the script prints, or on the CPU the child's peak resident set (os
     python benchmark.py --device cpu  --data-root /tmp/mnist --steps 20
     python benchmark.py --device cuda --data-root /tmp/mnist --steps 200 --only unrolled_infogan
     python benchmark.py --count-ops      # aten calls per unrolled_infogan.py step, K = 0, 5, 10
+    python benchmark.py --time-steps --device cuda   # seconds per unrolled_infogan.py step, K = 0, 5, 7, 10, in process
 """
 import argparse
 import os
@@ -77,6 +78,25 @@ def count_ops(k, first_order, device, width=1.0):
     return sum(e.count for e in events if e.key.startswith("aten::")), sum(e.count for e in events if e.key in heavy)
 
 
+def time_steps(k, first_order, device, width=1.0, steps=20):
+    """Seconds per unrolled_infogan.py MNIST step (batch 64, random images, default flags), in this process, after
+    three warm-up steps (allocator, cuDNN autotune)."""
+    import torch
+    import unrolled_infogan as U
+    args = U.parse_args(["--k", str(k), "--device", device, "--width", str(width)] + (["--first-order"] if first_order else []))
+    args.k, sync = k, (torch.cuda.synchronize if device.startswith("cuda") else lambda: None)
+    torch.manual_seed(0)
+    nets, opts = U.build(args, (1, 28, 28))
+    x = torch.rand(64, 1, 28, 28, device=device) * 2 - 1
+    for i in range(3 + steps):
+        if i == 3:
+            sync()
+            start = time.time()
+        U.train_step(nets, opts, x, args)
+    sync()
+    return (time.time() - start) / steps
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="device passed to every script (default: %(default)s)")
@@ -86,11 +106,23 @@ def main(argv=None):
     p.add_argument("--markdown", default=None, help="also write the table to this file (default: none)")
     p.add_argument("--count-ops", action="store_true", help="instead, count the aten calls of one unrolled_infogan.py "
                    "MNIST step per K (what bounds eager speed on a GPU)")
+    p.add_argument("--time-steps", action="store_true", help="instead, time unrolled_infogan.py MNIST steps per K in this "
+                   "process, and the time a sequential 15-epoch sweep K = 0, 5, 7, 10 would take")
+    p.add_argument("--width", type=float, default=1.0, help="network width for --count-ops and --time-steps (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.time_steps:
+        print("| unrolled_infogan MNIST step | s/step | steps/s |\n|---|---:|---:|")
+        sweep = 0.0
+        for k, first_order in ((0, False), (5, False), (7, False), (10, False), (10, True)):
+            t = time_steps(k, first_order, args.device, args.width, args.steps)
+            sweep += 0 if first_order else t * 15 * 937
+            print(f"| K = {k}{', first-order' if first_order else ''} | {t:.4f} | {1 / t:.1f} |", flush=True)
+        print(f"a 15-epoch sweep --k 0 5 7 10 (4 x 14,055 steps) would train for {sweep / 60:.0f} min")
+        return
     if args.count_ops:
         print("| unrolled_infogan MNIST step | aten calls | matmul/conv calls |\n|---|---:|---:|")
         for k, first_order in ((0, False), (5, False), (10, False), (10, True)):
-            n, heavy = count_ops(k, first_order, args.device)
+            n, heavy = count_ops(k, first_order, args.device, args.width)
             print(f"| K = {k}{', first-order' if first_order else ''} | {n} | {heavy} |", flush=True)
         return
     if args.steps < 1:

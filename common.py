@@ -355,13 +355,14 @@ def read_metrics(path):
         return [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=False):
+def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=False, upto=math.inf):
     """Curves of metrics.csv columns. runs: a CSV path, or {label: csv_path} to overlay runs (Fig 12), or
-    {label: [csv_paths]} for the mean over runs (seeds) with a min-max band."""
+    {label: [csv_paths]} for the mean over runs (seeds) with a min-max band; rows after step `upto` are left out."""
     runs = {"": runs} if isinstance(runs, (str, os.PathLike)) else runs
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, csv_paths in runs.items():
-        tables = [read_metrics(p) for p in ([csv_paths] if isinstance(csv_paths, (str, os.PathLike)) else csv_paths)]
+        tables = [[r for r in read_metrics(p) if r.get("step", 0) <= upto]
+                  for p in ([csv_paths] if isinstance(csv_paths, (str, os.PathLike)) else csv_paths)]
         n = min(len(t) for t in tables)
         for col in columns:
             if n and col in tables[0][0]:

@@ -325,33 +325,36 @@ def spearman(x, y):
 
 
 def compare(paths, out, command):
-    """comparison.md: one row per setting (K, exact or first-order), the mean ± s.d. over seeds of each metric's
-    value at the last epoch; for MNIST also each metric's Spearman correlation with K over the exact runs
-    (the report's claim is that disentanglement improves with K), fig12_q_loss.png and the code each K moves."""
+    """comparison.md: one row per setting (K, exact or first-order, unroll learning rate), the mean ± s.d. over seeds
+    of each metric at the last step every run reached; on MNIST also each metric's Spearman correlation with K over the
+    exact runs (the report's claim: disentanglement improves with K) and fig12_q_loss.png; on ring/grid, Fig 3."""
     runs = [(json.load(open(os.path.join(d, "config.json"))), common.read_metrics(os.path.join(d, "metrics.csv")), d)
             for d in run_folders(paths)]
-    ring = runs[0][0]["dataset"] != "mnist"
-    groups = {}
+    step = min(rows[-1]["step"] for _, rows, _ in runs)  # runs stopped at different steps are compared at the same one
+    runs = [(cfg, [r for r in rows if r["step"] <= step], d) for cfg, rows, d in runs]
+    ring, groups = runs[0][0]["dataset"] != "mnist", {}
     for cfg, rows, d in runs:
-        groups.setdefault((cfg["k"], cfg["first_order"]), []).append((cfg, rows, d))
+        groups.setdefault((cfg.get("first_order", False), cfg.get("k", 0), cfg.get("unroll_lr", 0)), []).append((cfg, rows, d))
     columns = RING_COLUMNS if ring else MNIST_COLUMNS
     lines = [f"# {runs[0][0]['dataset']}: {len(runs)} runs, seeds {sorted({c['seed'] for c, _, _ in runs})}", "",
-             f"command: `{command}`", "", "values at the last epoch, mean ± s.d. over seeds; minutes: wall time of a run "
-             "(training, evaluation, figures); steps/s: training only", "",
-             "| K | unroll | runs | steps | minutes | steps/s | " + " | ".join(c[1] for c in columns)
-             + ("" if ring else " | report L_I cont | report L_I disc") + " |", "|---" * (6 + len(columns) + 2 * (not ring)) + "|"]
+             f"command: `{command}`", "", f"values at step {step:.0f}, mean ± s.d. over seeds; minutes: wall time of a run to "
+             "there (training, evaluation, figures); steps/s: training only; c1/c2 moves: the property each code moves most",
+             "", "| K | unroll | unroll lr | runs | minutes | steps/s | " + " | ".join(c[1] for c in columns)
+             + ("" if ring else " | c1 moves | c2 moves | report L_I cont | report L_I disc") + " |",
+             "|---" * (6 + len(columns) + 4 * (not ring)) + "|"]
     stat = lambda values, scale, fmt: (fmt.format(scale * sum(values) / len(values)) + (  # noqa: E731
         f" ± {fmt.format(scale * float(torch.tensor(values).std())).rstrip('%')}" if len(values) > 1 else ""))
-    for (k, first_order), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (first_order, k, lr), members in sorted(groups.items()):
         last = [rows[-1] for _, rows, _ in members]
-        cells = [str(k), "first-order" if first_order else "exact", str(len(members)), f"{last[0]['step']:.0f}",
+        cells = [str(k), "first-order" if first_order else "exact", f"{lr:g}", str(len(members)),
                  stat([r["seconds"] / 60 for r in last], 1, "{:.1f}"),
                  stat([sum(x["steps_per_s"] for x in rows) / len(rows) for _, rows, _ in members], 1, "{:.2f}")]
         cells += [stat([r[c] for r in last], scale, fmt) for c, _, scale, fmt in columns]
         if not ring:
-            cells += [str(v) for v in REPORT.get(k, ("-", "-"))]
+            mean = {c: sum(r[c] for r in last) / len(last) for c in last[0]}
+            cells += [top_property(mean, 1), top_property(mean, 2), *map(str, REPORT.get(k, ("-", "-")))]
         lines.append("| " + " | ".join(cells) + " |")
-    exact = [(cfg["k"], rows[-1]) for cfg, rows, _ in runs if not cfg["first_order"]]
+    exact = [(cfg["k"], rows[-1]) for cfg, rows, _ in runs if not cfg.get("first_order", True)]
     if not ring and len({k for k, _ in exact}) > 1:
         lines += ["", "Spearman correlation with K over the exact runs (+1: the metric rises with K, -1: it falls):", "",
                   "| " + " | ".join(c[1] for c in columns) + " |", "|---" * len(columns) + "|",
@@ -359,7 +362,7 @@ def compare(paths, out, command):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "comparison.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    label = lambda cfg: f"K={cfg['k']}{' first-order' * cfg['first_order']}"  # noqa: E731
+    label = lambda cfg: f"K={cfg.get('k', 0)}{' first-order' * cfg.get('first_order', False)}"  # noqa: E731
     if ring:
         snaps = {label(cfg): list(torch.load(os.path.join(d, "ring_samples.pt"), weights_only=True).items())[-6:]
                  for cfg, _, d in runs if os.path.exists(os.path.join(d, "ring_samples.pt"))}
@@ -368,10 +371,10 @@ def compare(paths, out, command):
                                  title="Fig. 3: one row per run")
     else:
         curves = {}
-        for cfg, _, d in runs:
+        for cfg, rows, d in runs:
             curves.setdefault(label(cfg), []).append(os.path.join(d, "metrics.csv"))
         common.plot_metrics(curves, ["li_cont"], os.path.join(out, "fig12_q_loss.png"), ylabel="L_I continuous",
-                            title="Fig. 12: L_I continuous vs epoch (mean over seeds, band: min-max)")
+                            title="Fig. 12: L_I continuous vs epoch (mean over seeds, band: min-max)", x="step", upto=step)
     print("\n".join(lines), flush=True)
     return lines
 
