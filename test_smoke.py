@@ -644,7 +644,7 @@ def test_mnist_sweep_writes_a_comparison(tiny_mnist, tmp_path):
     assert sweep.name.startswith("unrolled_infogan__mnist__sweep-k0-1__s1__")
     table = (sweep / "comparison.md").read_text()
     assert "values at step 2," in table and "Spearman" in table
-    assert "| 0 | exact | 5e-05 | 1 |" in table and "| 1 | exact | 5e-05 | 1 |" in table
+    assert "| 0 | exact | 2.5e-05 | 1 |" in table and "| 1 | exact | 2.5e-05 | 1 |" in table
     assert (sweep / "fig12_q_loss.png").exists()
     assert sorted(d.name.split("__")[2] for d in sweep.iterdir() if d.is_dir()) == ["k0", "k1"]
 
