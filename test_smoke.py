@@ -373,11 +373,26 @@ class HostTraffic(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         self.ops += 1
         host, device = [t for t in tensors if t.device.type == "cpu"], [t for t in tensors + outs if t.device.type == "meta"]
-        if device and any(t.dim() > 0 for t in host):
-            self.found.append(f"{func} mixes host tensors {[tuple(t.shape) for t in host]} with device tensors")
-        elif host and "copy" in str(func) and any(t.device.type == "meta" for t in outs):
+        if host and "copy" in str(func) and any(t.device.type == "meta" for t in outs):
             self.found.append(f"{func} copies a host tensor to the device")
+        elif device and any(t.dim() > 0 for t in host):
+            self.found.append(f"{func} mixes host tensors {[tuple(t.shape) for t in host]} with device tensors")
         return out
+
+
+def test_the_host_traffic_check_catches_copies_and_mixing():
+    """The check below fails on what it is meant to catch: a copy to the device (as a bias correction made on the CPU
+    would be), a host tensor in a device op (as a batch index drawn on the host would be)."""
+    with HostTraffic() as mode:
+        x = torch.ones(3, device="meta")
+        x * 2.0 + torch.ones((), dtype=torch.float32)  # a Python number and a 0-d host scalar: allowed
+    assert mode.found == []
+    with HostTraffic() as mode:
+        torch.ones(3).to("meta")
+    assert len(mode.found) == 1 and "copies a host tensor" in mode.found[0]
+    with HostTraffic() as mode:
+        torch.ones(5, device="meta")[torch.tensor([0, 2])]  # device data indexed by a host index: a hidden copy
+    assert mode.found and "mixes host tensors [(2,)]" in mode.found[0]
 
 
 def test_a_training_step_moves_nothing_between_host_and_device(case):
