@@ -9,8 +9,8 @@ duplication between scripts is deliberate, see README.md). This file only
 * samples the 2-D toy mixtures of the Unrolled GAN paper (``ring``, ``grid``);
 * saves image grids (with row/column labels), traversal grids, scatter rows and metric curves.
 
-Pixel range: every image dataset yields float images in [0, 1]; a script with a tanh generator maps
-them to [-1, 1] itself (``x * 2 - 1``) and says so.
+Pixel range: every image dataset yields float images in [0, 1], or in [-1, 1] (2x - 1) when a script with a
+tanh generator loads it with ``signed=True``.
 """
 import contextlib
 import csv
@@ -38,12 +38,25 @@ def die(message):
 # ------------------------------------------------------------------------------------------------
 # Tensor datasets: the whole dataset on the device, batches by index
 # ------------------------------------------------------------------------------------------------
-class TensorData:
+class Indexed:
+    """A dataset whose batches are made from indices on the device: `batch(idx)` and `__len__` from the subclass."""
+
+    def steps_per_epoch(self, batch_size):
+        return len(self) // batch_size
+
+    def epoch(self, batch_size, generator):
+        """One pass in random order (drawn on the CPU, copied to the device once); the last incomplete batch is dropped."""
+        perm = torch.randperm(len(self), generator=generator).to(self.device)
+        for i in range(len(self) // batch_size):
+            yield self.batch(perm[i * batch_size:(i + 1) * batch_size])
+
+
+class TensorData(Indexed):
     """Images stored as uint8 (N, C, H, W) on the device, with optional labels (N,) or factors (N, F).
     Batches are floats in [0, 1], or in [-1, 1] when signed (for a tanh generator)."""
 
     def __init__(self, images, labels=None, name="", signed=False):
-        self.images, self.labels, self.name, self.signed = images, labels, name, signed
+        self.images, self.labels, self.name, self.signed, self.device = images, labels, name, signed, images.device
 
     def __len__(self):
         return self.images.shape[0]
@@ -57,15 +70,6 @@ class TensorData:
         x = self.images[idx].float().div_(255)
         x = x.mul_(2).sub_(1) if self.signed else x
         return x, (None if self.labels is None else self.labels[idx])
-
-    def steps_per_epoch(self, batch_size):
-        return len(self) // batch_size
-
-    def epoch(self, batch_size, generator):
-        """One pass in random order (drawn on the CPU, copied once); the last incomplete batch is dropped."""
-        perm = torch.randperm(len(self), generator=generator).to(self.images.device)
-        for i in range(len(self) // batch_size):
-            yield self.batch(perm[i * batch_size:(i + 1) * batch_size])
 
 
 def load_mnist(root, device, train=True, signed=False):
@@ -123,7 +127,7 @@ def load_image_folder(root, device, size=64, limit=None, signed=False):
 # ------------------------------------------------------------------------------------------------
 # Sprites: a dSprites-like dataset rendered on the fly from its factors
 # ------------------------------------------------------------------------------------------------
-class Sprites:
+class Sprites(Indexed):
     """dSprites' factor layout (shape 3, scale 6, orientation 40, x 32, y 32; 64x64 binary images),
     rendered on the device from the factors. Not the original dSprites file: our own renderer.
 
@@ -180,15 +184,6 @@ class Sprites:
         """Images (B, 1, 64, 64) in {0, 1} (or {-1, 1}) and their factor indices (B, 5), for indices on the device."""
         f = self.factors(idx)
         return self.render(f), f
-
-    def steps_per_epoch(self, batch_size):
-        return len(self) // batch_size
-
-    def epoch(self, batch_size, generator):
-        """One pass over the combinations in random order (drawn on the CPU, copied to the device once)."""
-        perm = torch.randperm(len(self), generator=generator).to(self.device)
-        for i in range(len(self) // batch_size):
-            yield self.batch(perm[i * batch_size:(i + 1) * batch_size])
 
     def eval_set(self, n, seed=0):
         """A fixed evaluation set of n random combinations (the same for every run with this seed)."""
