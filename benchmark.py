@@ -110,6 +110,8 @@ def main(argv=None):
                    "process, and the time a sequential 15-epoch sweep K = 0, 5, 7, 10 would take")
     p.add_argument("--width", type=float, default=1.0, help="network width for --count-ops and --time-steps (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        sys.exit(f"error: --steps must be >= 1 (got {args.steps})")
     if args.time_steps:
         print("| unrolled_infogan MNIST step | s/step | steps/s |\n|---|---:|---:|")
         sweep = 0.0
@@ -125,8 +127,6 @@ def main(argv=None):
             n, heavy = count_ops(k, first_order, args.device, args.width)
             print(f"| K = {k}{', first-order' if first_order else ''} | {n} | {heavy} |", flush=True)
         return
-    if args.steps < 1:
-        sys.exit(f"error: --steps must be >= 1 (got {args.steps})")
     args.data_root = os.path.abspath(args.data_root)
     lines = ["| case | steps/s | images/s | peak memory; wall |", "|---|---:|---:|---|"]
     print(lines[0], lines[1], sep="\n", flush=True)

@@ -334,7 +334,8 @@ def compare(paths, out, command):
     runs = [(cfg, [r for r in rows if r["step"] <= step], d) for cfg, rows, d in runs]
     ring, groups = runs[0][0]["dataset"] != "mnist", {}
     for cfg, rows, d in runs:
-        groups.setdefault((cfg.get("first_order", False), cfg.get("k", 0), cfg.get("unroll_lr", 0)), []).append((cfg, rows, d))
+        k = cfg.get("k", 0)  # K = 0 does not unroll: its runs form one group whatever the unroll flags
+        groups.setdefault((k > 0 and cfg.get("first_order", False), k, k and cfg.get("unroll_lr", 0)), []).append((cfg, rows, d))
     columns = RING_COLUMNS if ring else MNIST_COLUMNS
     lines = [f"# {runs[0][0]['dataset']}: {len(runs)} runs, seeds {sorted({c['seed'] for c, _, _ in runs})}", "",
              f"command: `{command}`", "", f"values at step {step:.0f}, mean ± s.d. over seeds; minutes: wall time of a run to "
@@ -346,7 +347,7 @@ def compare(paths, out, command):
         f" ± {fmt.format(scale * float(torch.tensor(values).std())).rstrip('%')}" if len(values) > 1 else ""))
     for (first_order, k, lr), members in sorted(groups.items()):
         last = [rows[-1] for _, rows, _ in members]
-        cells = [str(k), "first-order" if first_order else "exact", f"{lr:g}", str(len(members)),
+        cells = [str(k), "—" if k == 0 else "first-order" if first_order else "exact", f"{lr:g}" if k else "—", str(len(members)),
                  stat([r["seconds"] / 60 for r in last], 1, "{:.1f}"),
                  stat([sum(x["steps_per_s"] for x in rows) / len(rows) for _, rows, _ in members], 1, "{:.2f}")]
         cells += [stat([r[c] for r in last], scale, fmt) for c, _, scale, fmt in columns]
@@ -374,7 +375,7 @@ def compare(paths, out, command):
         for cfg, rows, d in runs:
             curves.setdefault(label(cfg), []).append(os.path.join(d, "metrics.csv"))
         common.plot_metrics(curves, ["li_cont"], os.path.join(out, "fig12_q_loss.png"), ylabel="L_I continuous",
-                            title="Fig. 12: L_I continuous vs epoch (mean over seeds, band: min-max)", x="step", upto=step)
+                            title="Fig. 12: L_I continuous vs step (mean over seeds, band: min-max)", x="step", upto=step)
     print("\n".join(lines), flush=True)
     return lines
 
@@ -385,8 +386,16 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="run or sweep folders")
     p.add_argument("--out", default="comparison", help="folder for comparison.md and the figures (default: %(default)s)")
     args = p.parse_args(argv)
-    if not run_folders(args.runs):
-        common.die(f"no run folders (with config.json and metrics.csv) in {' '.join(args.runs)}")
+    folders = run_folders(args.runs)
+    need = lambda ok, message: ok or common.die(message)  # noqa: E731
+    need(folders, f"no run folders (with config.json and metrics.csv) in {' '.join(args.runs)}")
+    for d in folders:
+        try:
+            dataset, rows = json.load(open(os.path.join(d, "config.json")))["dataset"], common.read_metrics(os.path.join(d, "metrics.csv"))
+        except (OSError, ValueError, KeyError) as e:
+            common.die(f"{d} is not a readable run folder ({type(e).__name__})")
+        need(rows and "step" in rows[0], f"{d}/metrics.csv has no rows yet")
+        need(dataset == json.load(open(os.path.join(folders[0], "config.json")))["dataset"], "the runs are of different datasets")
     compare(args.runs, args.out, "python evaluation.py " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
