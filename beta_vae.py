@@ -1,7 +1,7 @@
 """β-VAE: report §IV (the per-latent KL of Fig. 15; traversals of encoded real images, as in Fig. 14).
 
 Higgins et al. 2017, "β-VAE: Learning basic visual concepts with a constrained variational framework" (ICLR),
-with the 64x64 conv nets of Burgess et al. 2018, "Understanding disentangling in β-VAE" (arXiv:1804.03599), and
+with the 64x64 conv nets of disentanglement_lib (Locatello et al. 2019, the β-VAE baselines of dSprites), and
 smaller ones for 28x28 MNIST; β = 1 is the plain VAE. Each epoch, on fixed images: each latent's KL and, on sprites
 (dSprites' factor layout), MIG (Chen et al. 2018, as in disentanglement_lib).
 
@@ -25,7 +25,7 @@ LOSSES = ("loss", "recon", "kl")  # what train_step returns, in this order
 DEFAULTS = {"sprites": dict(
     epochs=26,  # 26 passes of 11,520 steps: about disentanglement_lib's 300,000 β-VAE steps on dSprites
     epoch_steps=0,  # an epoch is one pass over the 737,280 factor combinations
-    batch_size=64, lr=5e-4,  # Burgess et al.'s batch size and Adam learning rate
+    batch_size=64, lr=5e-4,  # disentanglement_lib's batch size; Burgess et al.'s (2018) Adam learning rate
     beta=4.0, latents=10,  # Higgins et al.'s for dSprites
     mig_samples=10000)}  # MIG on 10,000 fixed images, as disentanglement_lib measures it
 DEFAULTS.update({d: {**DEFAULTS["sprites"], "epochs": 20} for d in ("mnist", "celeba")})  # 20 passes: no paper run to follow
@@ -39,20 +39,20 @@ def add_flags(p):
 
 
 def check_flags(a):
-    need(a.beta > 0 and a.lr > 0, f"--beta and --lr must be > 0 (got {a.beta}, {a.lr})")
+    need(0 < a.beta < math.inf and 0 < a.lr < math.inf, f"--beta and --lr must be finite and > 0 (got {a.beta}, {a.lr})")
     need(1 <= a.latents <= 1000 and 8 <= a.mig_samples <= 100000,
          f"--latents must be in 1-1000 and --mig-samples in 8-100000 (got {a.latents}, {a.mig_samples})")
 
 
-# ---- Models (Burgess et al.): q(z|x) = N(μ(x), diag σ²(x)); p(x|z) Bernoulli or Gaussian, from logits ---------------
-def burgess_encoder(channels, size, latents):
+# ---- Models (disentanglement_lib's): q(z|x) = N(μ(x), diag σ²(x)); p(x|z) Bernoulli or Gaussian, from logits ---------------
+def conv_encoder(channels, size, latents):
     """64x64: conv 32, 32, 64, 64 (4x4, stride 2, ReLU), FC 256, FC [μ, log σ²]; 28x28: conv 32, 64, FC 256, FC [μ, log σ²]."""
     w, s = ((channels, 32, 32, 64, 64), 4) if size == 64 else ((channels, 32, 64), 7)  # s: the last conv's size
     return nn.Sequential(*[m for a, b in zip(w, w[1:]) for m in (nn.Conv2d(a, b, 4, 2, 1), nn.ReLU())],
                          nn.Flatten(), nn.Linear(w[-1] * s * s, 256), nn.ReLU(), nn.Linear(256, 2 * latents))
 
 
-def burgess_decoder(channels, size, latents):
+def conv_decoder(channels, size, latents):
     """The encoder mirrored: FC 256, FC 64·s·s, transposed convs 4x4 stride 2 with ReLUs between; (B, L) -> logits."""
     w, s = ((64, 64, 32, 32, channels), 4) if size == 64 else ((64, 32, channels), 7)
     return nn.Sequential(nn.Linear(latents, 256), nn.ReLU(), nn.Linear(256, 64 * s * s), nn.ReLU(), nn.Unflatten(1, (64, s, s)),
@@ -134,7 +134,7 @@ def train_step(nets, opts, x, args):
 # ---- Setup, evaluation, figures -------------------------------------------------------------------------------------
 def build(args, shape):
     """Encoder, decoder and one Adam over both."""
-    enc, dec = (f(shape[0], shape[1], args.latents).to(args.device) for f in (burgess_encoder, burgess_decoder))
+    enc, dec = (f(shape[0], shape[1], args.latents).to(args.device) for f in (conv_encoder, conv_decoder))
     return {"enc": enc, "dec": dec}, {"opt": torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=args.lr)}
 
 
@@ -202,6 +202,7 @@ def parse_args(argv=None):
     for flag, default, _, _, text in numbers:
         p.add_argument("--" + flag, type=int, default=default, help=text + " (default: %(default)s)")
     add_flags(p)
+    pre.error = p.error = lambda message: common.die(message)  # argparse's own errors: one line, exit status 1 too
     p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
     args = p.parse_args(argv)
     for flag, _, low, high, _ in numbers:
@@ -209,14 +210,14 @@ def parse_args(argv=None):
         need(value is None or low <= value <= high, f"--{flag} must be between {low} and {high} (got {value})")
     need(args.device in ("cpu", "cuda") or args.device[5:].isdigit() and args.device.startswith("cuda:"),
          f"--device {args.device} is not a device here; use cpu or cuda")
-    need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA GPU is available here; use --device cpu")
+    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(), f"--device {args.device}: no such CUDA "
+         "GPU here; use --device cpu")
     need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
     check_flags(args)
     return args
 
 
-def need(ok, message):
-    """Stop with a one-line error (no traceback) unless ok."""
+def need(ok, message):  # stop with a one-line error (no traceback) unless ok
     if not ok:
         common.die(message)
 
@@ -227,7 +228,8 @@ def load_checkpoint(args):
     try:  # weights_only: tensors, numbers, strings and containers of them; a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
+        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})" if os.path.exists(path)
+                   else f"--resume {path}: no such file or folder")
     need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT, f"{path} is not a checkpoint of {SCRIPT}")
     need(all(key in ckpt for key in ("args", "step", "seconds", "models", "optims", "rng")), f"{path} is not a complete checkpoint")
     for flag in sorted(set(vars(args)) | set(ckpt["args"])):
@@ -289,8 +291,7 @@ class Run:
                         return
 
     def log(self, losses):
-        """Count a step and add its losses (a 1-d tensor; no host sync). Every --log-every steps and at an
-        epoch's end: stop if a loss was not finite, print a progress line. Returns True at an epoch's end."""
+        """Count a step, add its losses (no host sync); every --log-every steps: NaN check, progress. True at an epoch's end."""
         self.step, self.epoch_n = self.step + 1, self.epoch_n + 1
         self.sums, self.epoch_sums = self.sums + losses, self.epoch_sums + losses
         self.bad = torch.where((self.bad < 0) & ~torch.isfinite(losses), self.step, self.bad)

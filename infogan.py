@@ -6,7 +6,7 @@ latents and learning rates. Each epoch: the categorical code's test accuracy and
 look like, measured (evaluation.py); figures fig04/fig05_traversal_c1/c2.png, samples.png, losses.png.
 
     python infogan.py --data-root DATA                       # the paper's networks, 15 epochs
-    python infogan.py --data-root DATA --width 0.25          # the lab scale (README)
+    python infogan.py --data-root DATA --width 0.25 --epochs 5   # a quarter of each layer: fits a CPU (README's labs)
 """
 import argparse
 import itertools
@@ -26,10 +26,10 @@ SCRIPT = "infogan.py"
 LOSSES = ("loss_d", "loss_g", "li_cat", "li_cont")  # what train_step returns, in this order
 DEFAULTS = {"mnist": dict(
     epochs=15, epoch_steps=0,  # the InfoGAN paper's MNIST run, about 14,000 steps; an epoch is a pass (937 steps)
-    batch_size=64, width=1.0,  # the InfoGAN paper's batch and Table 1 networks (width 1); the lab scale is 0.25
+    batch_size=64, width=1.0,  # the InfoGAN paper's batch and Table 1 networks (width 1); 0.25 fits a CPU (README's labs)
     lr_g=1e-3, lr_d=2e-4,  # the InfoGAN paper's Adam learning rates (G's Adam also trains Q's head)
     beta1=0.5,  # Adam's β1, as in DCGAN and InfoGAN
-    lambda_cat=1.0, lambda_cont=1.0,  # λ of eq. (3) for each code, the InfoGAN paper's for MNIST
+    lambda_cat=1.0, lambda_cont=1.0,  # λ of eq. (3), the InfoGAN paper's 1 (li_cont is a mean over the 2 codes, not a sum)
     n_noise=62, n_cat=10, n_cont=2)}  # the InfoGAN paper's latents: z, one 10-way code, two continuous codes
 
 
@@ -41,7 +41,7 @@ def add_flags(p):
 
 def check_flags(a):
     need(1 / 64 <= a.width <= 4, f"--width must be between 1/64 and 4 (got {a.width})")
-    need(a.lr_g > 0 and a.lr_d > 0, f"--lr-g and --lr-d must be > 0 (got {a.lr_g}, {a.lr_d})")
+    need(all(0 < v < math.inf for v in (a.lr_g, a.lr_d)), "--lr-g and --lr-d must be finite and > 0")
 
 
 # ---- Models: the InfoGAN paper's MNIST networks (its Table 1), every hidden size × --width; LeakyReLU 0.1 -----------
@@ -130,7 +130,7 @@ def train_step(nets, opts, x, args):
     loss_g = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
 
     # ---- (3) information term and G/Q step, eq. (3): min over G, Q of V(D, G) - λ L_I(G, Q). One Adam update of
-    # G and Q's head on loss_g + λ·(-L_I); Q's body is D's, trained by the D step only (D's Adam owns it) ----
+    # G and Q's head on loss_g + λ·(-L_I); deviation: Q's body is D's, trained by the D step only, not on L_I ----
     li_cat, li_cont = information_losses(q_fake, c_cat, c_cont, args.n_cat)
     opts["g"].zero_grad(set_to_none=True)
     (loss_g + args.lambda_cat * li_cat + args.lambda_cont * li_cont).backward(inputs=opts["g"].param_groups[0]["params"])
@@ -214,6 +214,7 @@ def parse_args(argv=None):
     for flag, default, _, _, text in numbers:
         p.add_argument("--" + flag, type=int, default=default, help=text + " (default: %(default)s)")
     add_flags(p)
+    pre.error = p.error = lambda message: common.die(message)  # argparse's own errors: one line, exit status 1 too
     p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
     args = p.parse_args(argv)
     for flag, _, low, high, _ in numbers:
@@ -221,14 +222,14 @@ def parse_args(argv=None):
         need(value is None or low <= value <= high, f"--{flag} must be between {low} and {high} (got {value})")
     need(args.device in ("cpu", "cuda") or args.device[5:].isdigit() and args.device.startswith("cuda:"),
          f"--device {args.device} is not a device here; use cpu or cuda")
-    need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA GPU is available here; use --device cpu")
+    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(), f"--device {args.device}: no such CUDA "
+         "GPU here; use --device cpu")
     need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
     check_flags(args)
     return args
 
 
-def need(ok, message):
-    """Stop with a one-line error (no traceback) unless ok."""
+def need(ok, message):  # stop with a one-line error (no traceback) unless ok
     if not ok:
         common.die(message)
 
@@ -239,7 +240,8 @@ def load_checkpoint(args):
     try:  # weights_only: tensors, numbers, strings and containers of them; a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
+        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})" if os.path.exists(path)
+                   else f"--resume {path}: no such file or folder")
     need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT, f"{path} is not a checkpoint of {SCRIPT}")
     need(all(key in ckpt for key in ("args", "step", "seconds", "models", "optims", "rng")), f"{path} is not a complete checkpoint")
     for flag in sorted(set(vars(args)) | set(ckpt["args"])):
@@ -301,8 +303,7 @@ class Run:
                         return
 
     def log(self, losses):
-        """Count a step and add its losses (a 1-d tensor; no host sync). Every --log-every steps and at an
-        epoch's end: stop if a loss was not finite, print a progress line. Returns True at an epoch's end."""
+        """Count a step, add its losses (no host sync); every --log-every steps: NaN check, progress. True at an epoch's end."""
         self.step, self.epoch_n = self.step + 1, self.epoch_n + 1
         self.sums, self.epoch_sums = self.sums + losses, self.epoch_sums + losses
         self.bad = torch.where((self.bad < 0) & ~torch.isfinite(losses), self.step, self.bad)

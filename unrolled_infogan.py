@@ -5,8 +5,8 @@ Chen et al. 2016 (InfoGAN, as in infogan.py); Metz et al. 2017 (Unrolled GANs). 
 updates of D, so eq. (11) keeps its second term (--first-order drops it, as the report's own code does). Several --k
 run a sweep from one seed, then comparison.md and fig12_q_loss.png (evaluation.py).
 
-    python unrolled_infogan.py --data-root DATA --width 0.25 --unroll-lr 5e-5 --epochs 5 --k 0 5 7 10   # the lab sweep
-    python unrolled_infogan.py --dataset ring --k 0 10                      # Fig 3
+    python unrolled_infogan.py --data-root DATA --width 0.25 --epochs 5 --k 0 5 7 10   # the lab sweep (README)
+    python unrolled_infogan.py --dataset ring --k 0 10                                  # Fig 3
 """
 import argparse
 import itertools
@@ -27,12 +27,12 @@ import evaluation
 SCRIPT = "unrolled_infogan.py"
 LOSSES = ("loss_d", "loss_g", "li_cat", "li_cont")  # what train_step returns, in this order (no codes: li = 0)
 MNIST = dict(epochs=15, epoch_steps=0, batch_size=64,  # the InfoGAN paper's run: about 14,000 steps of 64 (an epoch: 937)
-             width=1.0,  # 1 = the InfoGAN paper's Table 1 networks; the lab scale is 0.25 (README)
+             width=1.0,  # 1 = the InfoGAN paper's Table 1 networks; 0.25, a quarter of each layer, fits a CPU (README's labs)
              k=[10],  # the report's largest K; several values run a sweep
              unroll_lr=2.5e-5,  # an eighth of D's: at D's own, eq. (11)'s 2nd term cancels G's gradient at K = 10 (README)
              g_loss="ns",  # G's f: the non-saturating -log D(G(z)) of infogan.py and the report's code
              lr_g=1e-3, lr_d=2e-4, beta1=0.5,  # the InfoGAN paper's Adam settings (G's Adam also trains Q's head)
-             lambda_cat=1.0, lambda_cont=1.0, n_noise=62, n_cat=10, n_cont=2)  # the InfoGAN paper's λ and latents for MNIST
+             lambda_cat=1.0, lambda_cont=1.0, n_noise=62, n_cat=10, n_cont=2)  # the InfoGAN paper's λ (li_cont: a mean) and latents
 RING = dict(epochs=6, epoch_steps=0, batch_size=512,  # 3,000 steps of 512 (an epoch: 500 fresh batches); all modes appear early
             width=1.0,  # 1 = the Unrolled GAN paper's toy MLPs, two hidden layers of 128
             k=[10], unroll_lr=1e-4,  # the Unrolled GAN paper's ring: K up to 10, unrolled with D's own learning rate
@@ -56,7 +56,7 @@ def check_flags(a):
     need(1 / 64 <= a.width <= 4, f"--width must be between 1/64 and 4 (got {a.width})")
     need(all(0 <= k <= 100 for k in a.k) and len(set(a.k)) == len(a.k), f"--k takes distinct values from 0 to 100 (got {a.k})")
     need(not a.resume or len(a.k) == 1, "--resume continues one run: give a single --k")
-    need(min(a.lr_g, a.lr_d, a.unroll_lr) > 0, "--lr-g, --lr-d and --unroll-lr must be > 0")
+    need(all(0 < v < math.inf for v in (a.lr_g, a.lr_d, a.unroll_lr)), "--lr-g, --lr-d and --unroll-lr must be finite and > 0")
 
 
 # ---- Models: the InfoGAN paper's MNIST networks (its Table 1), every hidden size × --width; LeakyReLU 0.1 -----------
@@ -333,6 +333,7 @@ def parse_args(argv=None):
     for flag, default, _, _, text in numbers:
         p.add_argument("--" + flag, type=int, default=default, help=text + " (default: %(default)s)")
     add_flags(p)
+    pre.error = p.error = lambda message: common.die(message)  # argparse's own errors: one line, exit status 1 too
     p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
     args = p.parse_args(argv)
     for flag, _, low, high, _ in numbers:
@@ -340,14 +341,14 @@ def parse_args(argv=None):
         need(value is None or low <= value <= high, f"--{flag} must be between {low} and {high} (got {value})")
     need(args.device in ("cpu", "cuda") or args.device[5:].isdigit() and args.device.startswith("cuda:"),
          f"--device {args.device} is not a device here; use cpu or cuda")
-    need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA GPU is available here; use --device cpu")
+    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(), f"--device {args.device}: no such CUDA "
+         "GPU here; use --device cpu")
     need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
     check_flags(args)
     return args
 
 
-def need(ok, message):
-    """Stop with a one-line error (no traceback) unless ok."""
+def need(ok, message):  # stop with a one-line error (no traceback) unless ok
     if not ok:
         common.die(message)
 
@@ -358,7 +359,8 @@ def load_checkpoint(args):
     try:  # weights_only: tensors, numbers, strings and containers of them; a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
+        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})" if os.path.exists(path)
+                   else f"--resume {path}: no such file or folder")
     need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT, f"{path} is not a checkpoint of {SCRIPT}")
     need(all(key in ckpt for key in ("args", "step", "seconds", "models", "optims", "rng")), f"{path} is not a complete checkpoint")
     for flag in sorted(set(vars(args)) | set(ckpt["args"])):
@@ -420,8 +422,7 @@ class Run:
                         return
 
     def log(self, losses):
-        """Count a step and add its losses (a 1-d tensor; no host sync). Every --log-every steps and at an
-        epoch's end: stop if a loss was not finite, print a progress line. Returns True at an epoch's end."""
+        """Count a step, add its losses (no host sync); every --log-every steps: NaN check, progress. True at an epoch's end."""
         self.step, self.epoch_n = self.step + 1, self.epoch_n + 1
         self.sums, self.epoch_sums = self.sums + losses, self.epoch_sums + losses
         self.bad = torch.where((self.bad < 0) & ~torch.isfinite(losses), self.step, self.bad)

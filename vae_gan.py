@@ -4,7 +4,7 @@ Larsen et al. 2016, "Autoencoding beyond pixels using a learned similarity metri
 pixel reconstruction term becomes a Gaussian likelihood of the discriminator's l-th layer features; reconstructions
 and prior samples are both GAN fakes; --beta weighs the prior (KL) term, as in the report. The paper's 64x64 nets
 (channel widths × --width) and smaller ones for 28x28. Each epoch, on fixed images: each latent's KL and, on sprites,
-MIG (Chen et al. 2018); reconstructions.png: beta_vae.py's 8 sprites, with the pixel MSE and grey pixels compared.
+MIG (Chen et al. 2018); reconstructions.png: beta_vae.py's 8 fixed sprites, titled with pixel MSE and % grey pixels.
 
     python vae_gan.py --device cpu --latents 10 --width 0.125 --batch-size 32 --steps 2500   # the README's run
 """
@@ -44,8 +44,8 @@ def add_flags(p):
 
 
 def check_flags(a):
-    need(a.beta > 0 and a.gamma > 0 and a.lr > 0 and 0 < a.width <= 4,
-         f"--beta, --gamma, --lr must be > 0 and --width in (0, 4] (got {a.beta}, {a.gamma}, {a.lr}, {a.width})")
+    need(all(0 < v < math.inf for v in (a.beta, a.gamma, a.lr)) and 0 < a.width <= 4,
+         f"--beta, --gamma, --lr must be finite and > 0 and --width in (0, 4] (got {a.beta}, {a.gamma}, {a.lr}, {a.width})")
     need(1 <= a.latents <= 1000 and 8 <= a.mig_samples <= 100000,
          f"--latents must be in 1-1000 and --mig-samples in 8-100000 (got {a.latents}, {a.mig_samples})")
 
@@ -261,6 +261,7 @@ def parse_args(argv=None):
     for flag, default, _, _, text in numbers:
         p.add_argument("--" + flag, type=int, default=default, help=text + " (default: %(default)s)")
     add_flags(p)
+    pre.error = p.error = lambda message: common.die(message)  # argparse's own errors: one line, exit status 1 too
     p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
     args = p.parse_args(argv)
     for flag, _, low, high, _ in numbers:
@@ -268,14 +269,14 @@ def parse_args(argv=None):
         need(value is None or low <= value <= high, f"--{flag} must be between {low} and {high} (got {value})")
     need(args.device in ("cpu", "cuda") or args.device[5:].isdigit() and args.device.startswith("cuda:"),
          f"--device {args.device} is not a device here; use cpu or cuda")
-    need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA GPU is available here; use --device cpu")
+    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(), f"--device {args.device}: no such CUDA "
+         "GPU here; use --device cpu")
     need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
     check_flags(args)
     return args
 
 
-def need(ok, message):
-    """Stop with a one-line error (no traceback) unless ok."""
+def need(ok, message):  # stop with a one-line error (no traceback) unless ok
     if not ok:
         common.die(message)
 
@@ -286,7 +287,8 @@ def load_checkpoint(args):
     try:  # weights_only: tensors, numbers, strings and containers of them; a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
+        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})" if os.path.exists(path)
+                   else f"--resume {path}: no such file or folder")
     need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT, f"{path} is not a checkpoint of {SCRIPT}")
     need(all(key in ckpt for key in ("args", "step", "seconds", "models", "optims", "rng")), f"{path} is not a complete checkpoint")
     for flag in sorted(set(vars(args)) | set(ckpt["args"])):
@@ -348,8 +350,7 @@ class Run:
                         return
 
     def log(self, losses):
-        """Count a step and add its losses (a 1-d tensor; no host sync). Every --log-every steps and at an
-        epoch's end: stop if a loss was not finite, print a progress line. Returns True at an epoch's end."""
+        """Count a step, add its losses (no host sync); every --log-every steps: NaN check, progress. True at an epoch's end."""
         self.step, self.epoch_n = self.step + 1, self.epoch_n + 1
         self.sums, self.epoch_sums = self.sums + losses, self.epoch_sums + losses
         self.bad = torch.where((self.bad < 0) & ~torch.isfinite(losses), self.step, self.bad)

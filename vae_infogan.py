@@ -1,9 +1,8 @@
 """VAE-InfoGAN: report §IV.A, Fig. 14 (encoded images traversed along the information latents) and Fig. 15 (mean KL
-per latent, information vs incompressible). A VAE-GAN (Larsen et al. 2016) with β on its KL (Higgins et al. 2017) whose
-first --n-info latents also get InfoGAN's L_I (Chen et al. 2016: a Q head on D's body reads them from the decoded
-image), its GAN part unrolled K steps with the exact gradient (Metz et al. 2017; unrolled_infogan.py's unroll).
+per latent, information vs incompressible): a VAE-GAN (Larsen et al. 2016) with β on its KL (Higgins et al. 2017) whose
+first --n-info latents also get InfoGAN's L_I (Chen et al. 2016), its GAN part unrolled K steps (Metz et al. 2017).
 
-    python vae_infogan.py --k 0 --width 16 --batch-size 32 --beta 4 --lr 5e-4 --epochs 3 --epoch-steps 500 --lambda-info 20
+    python vae_infogan.py --k 3 --width 16 --batch-size 32 --beta 4 --lr 5e-4 --epochs 8 --epoch-steps 500   # README
 """
 import argparse
 import itertools
@@ -43,7 +42,7 @@ def add_flags(p):
 def check_flags(a):
     need(1 <= a.n_info < a.latents <= 1000 and 0 <= a.k <= 100 and 1 <= a.width <= 1024, "--n-info must be in 1 to --latents - 1, "
          f"--latents at most 1000, --k in 0-100, --width in 1-1024 (got {a.n_info}, {a.latents}, {a.k}, {a.width})")
-    need(0 <= a.beta < math.inf and 0 <= a.lambda_info < math.inf and 0 < a.lr < math.inf, "--beta and --lambda-info must be finite and >= 0, --lr > 0")
+    need(all(0 <= v < math.inf for v in (a.beta, a.lambda_info, a.lr)) and a.lr > 0, "--beta, --lambda-info, --lr: finite, >= 0 (--lr > 0)")
 
 
 # ---- Models for 64x64 images: 4x4 stride-2 convs, BatchNorm, LeakyReLU 0.2 (DCGAN) -------------------------------------
@@ -194,9 +193,9 @@ def train_step(nets, opts, x, args):
     recon = (0.5 * (feats[b:2 * b] - feats[:b].detach()).pow(2).sum() / b
              + F.binary_cross_entropy(fakes[:b].clamp(1e-6, 1 - 1e-6), x, reduction="sum") / b)
     kl = kl_per_latent(mu, logvar).sum()  # L_prior = KL(q(z|x) ‖ N(0, I)), summed over the latents, mean over the batch
-    # L_I, eqs. (12)-(13): −log Q(c | Dec(z)), c = the first n_info latents of z and z_p, σ FIXED at 1 (as infogan.py's
-    # li_cont): ½ Σ_c (μ_Q − c)², a mean over the 2B fakes. c is DETACHED: the encoder gets L_I only through the decoded
-    # image (attached, L_I could fall by shrinking the information latents' σ, which raises their KL by itself)
+    # L_I, eqs. (12)-(13): −log Q(c | Dec(z)), c = the first n_info latents of z and z_p, σ FIXED at 1 (as infogan.py's,
+    # but summed over the codes): ½ Σ_c (μ_Q − c)², a mean over the 2B fakes. c is DETACHED: the encoder gets L_I only
+    # through the decoded image (attached, L_I could fall by shrinking the information latents' σ, raising their KL)
     li = 0.5 * (q[b:] - torch.cat([z, z_p])[:, :n].detach()).pow(2).sum(1).mean()
 
     # ---- (4) encoder step: β·L_prior + recon + λ·L_I; decoder (generator) and Q head step: recon + f_K + λ·L_I,
@@ -223,7 +222,7 @@ def build(args, shape):
 def setup(args):
     """Images in [0, 1] (the decoder's sigmoid); fixed images for the KL (2,000 sprites or 1,000 photos); 64 prior samples."""
     data, g = common.load_data(args.dataset, args.data_root, torch.device(args.device)), torch.Generator().manual_seed(args.seed)
-    x = data.eval_set(2000)[0] if args.dataset == "sprites" else data.batch(torch.randperm(len(data), generator=g)[:1000])[0]
+    x = data.eval_set(2000)[0] if args.dataset == "sprites" else data.batch(torch.randperm(len(data), generator=g)[:1000].to(data.device))[0]
     return data, {"x": x, "z": torch.randn(64, args.latents, generator=g).to(args.device)}
 
 
@@ -281,6 +280,7 @@ def parse_args(argv=None):
     for flag, default, _, _, text in numbers:
         p.add_argument("--" + flag, type=int, default=default, help=text + " (default: %(default)s)")
     add_flags(p)
+    pre.error = p.error = lambda message: common.die(message)  # argparse's own errors: one line, exit status 1 too
     p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
     args = p.parse_args(argv)
     for flag, _, low, high, _ in numbers:
@@ -288,14 +288,14 @@ def parse_args(argv=None):
         need(value is None or low <= value <= high, f"--{flag} must be between {low} and {high} (got {value})")
     need(args.device in ("cpu", "cuda") or args.device[5:].isdigit() and args.device.startswith("cuda:"),
          f"--device {args.device} is not a device here; use cpu or cuda")
-    need(args.device == "cpu" or torch.cuda.is_available(), "--device cuda but no CUDA GPU is available here; use --device cpu")
+    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(), f"--device {args.device}: no such CUDA "
+         "GPU here; use --device cpu")
     need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
     check_flags(args)
     return args
 
 
-def need(ok, message):
-    """Stop with a one-line error (no traceback) unless ok."""
+def need(ok, message):  # stop with a one-line error (no traceback) unless ok
     if not ok:
         common.die(message)
 
@@ -306,7 +306,8 @@ def load_checkpoint(args):
     try:  # weights_only: tensors, numbers, strings and containers of them; a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
+        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})" if os.path.exists(path)
+                   else f"--resume {path}: no such file or folder")
     need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT, f"{path} is not a checkpoint of {SCRIPT}")
     need(all(key in ckpt for key in ("args", "step", "seconds", "models", "optims", "rng")), f"{path} is not a complete checkpoint")
     for flag in sorted(set(vars(args)) | set(ckpt["args"])):
@@ -368,8 +369,7 @@ class Run:
                         return
 
     def log(self, losses):
-        """Count a step and add its losses (a 1-d tensor; no host sync). Every --log-every steps and at an
-        epoch's end: stop if a loss was not finite, print a progress line. Returns True at an epoch's end."""
+        """Count a step, add its losses (no host sync); every --log-every steps: NaN check, progress. True at an epoch's end."""
         self.step, self.epoch_n = self.step + 1, self.epoch_n + 1
         self.sums, self.epoch_sums = self.sums + losses, self.epoch_sums + losses
         self.bad = torch.where((self.bad < 0) & ~torch.isfinite(losses), self.step, self.bad)
