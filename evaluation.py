@@ -331,7 +331,8 @@ def compare(paths, out, command):
     runs = [(json.load(open(os.path.join(d, "config.json"))), common.read_metrics(os.path.join(d, "metrics.csv")), d)
             for d in run_folders(paths)]
     step = min(rows[-1]["step"] for _, rows, _ in runs)  # runs stopped at different steps are compared at the same one
-    runs = [(cfg, [r for r in rows if r["step"] <= step], d) for cfg, rows, d in runs]
+    runs = sorted([(cfg, [r for r in rows if r["step"] <= step], d) for cfg, rows, d in runs],  # legends in K order
+                  key=lambda run: (run[0].get("first_order", False), run[0].get("k", 0)))
     ring, groups = runs[0][0]["dataset"] != "mnist", {}
     for cfg, rows, d in runs:
         k = cfg.get("k", 0)  # K = 0 does not unroll: its runs form one group whatever the unroll flags
