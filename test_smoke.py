@@ -9,6 +9,7 @@ CelebA layout); nothing is downloaded and nothing outside this folder is read.
 """
 import ast
 import copy
+import importlib
 import itertools
 import math
 import os
@@ -597,6 +598,26 @@ def test_train_step_moves_d_by_its_own_step_only():
         torch.set_default_dtype(torch.float32)
     assert_same(results[0][:2], results[1][:2])
     assert not all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))
+
+
+@pytest.mark.parametrize("module, k", [("infogan", 0), ("unrolled_infogan", 0), ("unrolled_infogan", 3)])
+def test_the_generator_step_computes_no_gradient_for_d(module, k):
+    """After D's real step, backward(inputs=...) computes gradients for G and Q's head only, none for D."""
+    torch.set_default_dtype(torch.float64)  # the step draws its latents in the default dtype
+    try:
+        G, D, opt_d, x, z = tiny_setup()
+        opt_g = torch.optim.Adam([*G.parameters(), *D.q_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
+        args = SimpleNamespace(n_cat=3, n_cont=1, n_noise=2, k=k, unroll_lr=0.05, g_loss="ns", first_order=False,
+                               lambda_cat=1.0, lambda_cont=1.0)
+        stepped, late, step = [], [], opt_d.step
+        opt_d.step = lambda *a, **kw: (step(*a, **kw), stepped.append(True))[0]
+        for name, p in D.named_parameters():
+            if not name.startswith("q_head"):
+                p.register_hook(lambda grad, name=name: late.append(name) if stepped else None)
+        importlib.import_module(module).train_step({"G": G, "D": D}, {"d": opt_d, "g": opt_g}, x, args)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert stepped and late == []
 
 
 def steps_with_k(results):
