@@ -324,12 +324,31 @@ def spearman(x, y):
     return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-12))
 
 
+def load_runs(paths):
+    """(config, metrics rows, folder) of every run folder among paths; one-line errors for none, an unreadable or
+    empty one, or runs of different datasets."""
+    runs = []
+    for d in run_folders(paths):
+        try:
+            cfg, rows = json.load(open(os.path.join(d, "config.json"))), common.read_metrics(os.path.join(d, "metrics.csv"))
+            dataset = cfg["dataset"]
+        except (OSError, ValueError, KeyError) as e:
+            common.die(f"{d} is not a readable run folder ({type(e).__name__})")
+        if not rows or "step" not in rows[0]:
+            common.die(f"{d}/metrics.csv has no rows yet")
+        if runs and dataset != runs[0][0]["dataset"]:
+            common.die("the runs are of different datasets")
+        runs.append((cfg, rows, d))
+    if not runs:
+        common.die(f"no run folders (with config.json and metrics.csv) in {' '.join(map(str, paths))}")
+    return runs
+
+
 def compare(paths, out, command):
     """comparison.md: one row per setting (K, exact or first-order, unroll learning rate), the mean ± s.d. over seeds
     of each metric at the last step every run reached; on MNIST also each metric's Spearman correlation with K over the
     exact runs (the report's claim: disentanglement improves with K) and fig12_q_loss.png; on ring/grid, Fig 3."""
-    runs = [(json.load(open(os.path.join(d, "config.json"))), common.read_metrics(os.path.join(d, "metrics.csv")), d)
-            for d in run_folders(paths)]
+    runs = load_runs(paths)
     step = min(rows[-1]["step"] for _, rows, _ in runs)  # runs stopped at different steps are compared at the same one
     runs = sorted([(cfg, [r for r in rows if r["step"] <= step], d) for cfg, rows, d in runs],  # legends in K order
                   key=lambda run: (run[0].get("first_order", False), run[0].get("k", 0)))
@@ -373,7 +392,7 @@ def compare(paths, out, command):
                                  title="Fig. 3: one row per run")
     else:
         curves = {}
-        for cfg, rows, d in runs:
+        for cfg, _, d in runs:
             curves.setdefault(label(cfg), []).append(os.path.join(d, "metrics.csv"))
         common.plot_metrics(curves, ["li_cont"], os.path.join(out, "fig12_q_loss.png"), ylabel="L_I continuous",
                             title="Fig. 12: L_I continuous vs step (mean over seeds, band: min-max)", x="step", upto=step)
@@ -387,16 +406,6 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="run or sweep folders")
     p.add_argument("--out", default="comparison", help="folder for comparison.md and the figures (default: %(default)s)")
     args = p.parse_args(argv)
-    folders = run_folders(args.runs)
-    need = lambda ok, message: ok or common.die(message)  # noqa: E731
-    need(folders, f"no run folders (with config.json and metrics.csv) in {' '.join(args.runs)}")
-    for d in folders:
-        try:
-            dataset, rows = json.load(open(os.path.join(d, "config.json")))["dataset"], common.read_metrics(os.path.join(d, "metrics.csv"))
-        except (OSError, ValueError, KeyError) as e:
-            common.die(f"{d} is not a readable run folder ({type(e).__name__})")
-        need(rows and "step" in rows[0], f"{d}/metrics.csv has no rows yet")
-        need(dataset == json.load(open(os.path.join(folders[0], "config.json")))["dataset"], "the runs are of different datasets")
     compare(args.runs, args.out, "python evaluation.py " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
