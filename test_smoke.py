@@ -588,49 +588,49 @@ def test_the_look_ahead_leaves_d_bit_for_bit():
     assert all(p.grad is None for p in D.parameters())  # nothing leaked into the real D
 
 
-def test_train_step_moves_d_by_its_own_step_only():
+@pytest.fixture
+def float64_default():
+    """train_step draws its latents in the default dtype: float64 for tiny_setup's nets, restored afterwards."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def tiny_training(k):
+    """tiny_setup's nets with both optimizers (G's Adam also owns Q's head, as in the scripts), a real batch and the
+    flags train_step reads, for K = k."""
+    G, D, opt_d, x, _ = tiny_setup()
+    opt_g = torch.optim.Adam([*G.parameters(), *D.q_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
+    args = SimpleNamespace(n_cat=3, n_cont=1, n_noise=2, k=k, unroll_lr=0.05, g_loss="ns", first_order=False,
+                           lambda_cat=1.0, lambda_cont=1.0)
+    return {"G": G, "D": D}, {"d": opt_d, "g": opt_g}, x, args
+
+
+def test_train_step_moves_d_by_its_own_step_only(float64_default):
     """D after a training step is the same whatever K (the look-ahead works on a copy); G is not."""
     results = []
-    torch.set_default_dtype(torch.float64)  # the step draws its latents in the default dtype
-    try:
-        steps_with_k(results)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    for k in (0, 3):
+        nets, opts, x, args = tiny_training(k)
+        torch.manual_seed(5)
+        losses = ui.train_step(nets, opts, x, args)
+        assert torch.isfinite(losses).all()
+        results.append(({n: v for n, v in nets["D"].state_dict().items() if not n.startswith("q_head")},
+                        opts["d"].state_dict(), [p.detach().clone() for p in nets["G"].parameters()]))
     assert_same(results[0][:2], results[1][:2])
     assert not all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))
 
 
 @pytest.mark.parametrize("module, k", [("infogan", 0), ("unrolled_infogan", 0), ("unrolled_infogan", 3)])
-def test_the_generator_step_computes_no_gradient_for_d(module, k):
+def test_the_generator_step_computes_no_gradient_for_d(module, k, float64_default):
     """After D's real step, backward(inputs=...) computes gradients for G and Q's head only, none for D."""
-    torch.set_default_dtype(torch.float64)  # the step draws its latents in the default dtype
-    try:
-        G, D, opt_d, x, z = tiny_setup()
-        opt_g = torch.optim.Adam([*G.parameters(), *D.q_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
-        args = SimpleNamespace(n_cat=3, n_cont=1, n_noise=2, k=k, unroll_lr=0.05, g_loss="ns", first_order=False,
-                               lambda_cat=1.0, lambda_cont=1.0)
-        stepped, late, step = [], [], opt_d.step
-        opt_d.step = lambda *a, **kw: (step(*a, **kw), stepped.append(True))[0]
-        for name, p in D.named_parameters():
-            if not name.startswith("q_head"):
-                p.register_hook(lambda grad, name=name: late.append(name) if stepped else None)
-        importlib.import_module(module).train_step({"G": G, "D": D}, {"d": opt_d, "g": opt_g}, x, args)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    nets, opts, x, args = tiny_training(k)
+    stepped, late, step = [], [], opts["d"].step
+    opts["d"].step = lambda *a, **kw: (step(*a, **kw), stepped.append(True))[0]
+    for name, p in nets["D"].named_parameters():
+        if not name.startswith("q_head"):
+            p.register_hook(lambda grad, name=name: late.append(name) if stepped else None)
+    importlib.import_module(module).train_step(nets, opts, x, args)
     assert stepped and late == []
-
-
-def steps_with_k(results):
-    for k in (0, 3):
-        G, D, opt_d, x, z = tiny_setup()
-        opt_g = torch.optim.Adam([*G.parameters(), *D.q_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
-        args = SimpleNamespace(n_cat=3, n_cont=1, n_noise=2, k=k, unroll_lr=0.05, g_loss="ns", first_order=False,
-                               lambda_cat=1.0, lambda_cont=1.0)
-        torch.manual_seed(5)
-        losses = ui.train_step({"G": G, "D": D}, {"d": opt_d, "g": opt_g}, x, args)
-        assert torch.isfinite(losses).all()
-        results.append(({n: v for n, v in D.state_dict().items() if not n.startswith("q_head")}, opt_d.state_dict(),
-                        [p.detach().clone() for p in G.parameters()]))
 
 
 def test_k0_is_the_plain_gan_generator_gradient():
