@@ -1,217 +1,365 @@
-"""β-VAE: report §IV (the per-latent KL of Fig. 15; traversals of encoded real images, as in Fig. 14).
+"""β-VAE and β-TCVAE: report §IV (the per-latent KL of Fig. 15; encoded images traversed, Fig. 14).
 
-Higgins et al. 2017, "β-VAE: Learning basic visual concepts with a constrained variational framework" (ICLR),
-with the 64x64 conv nets of disentanglement_lib (Locatello et al. 2019, the β-VAE baselines of dSprites), and
-smaller ones for 28x28 MNIST; β = 1 is the plain VAE. Each epoch, on fixed images: each latent's KL and, on sprites
-(dSprites' factor layout), MIG (Chen et al. 2018, as in disentanglement_lib).
+Higgins et al. 2017, "β-VAE: Learning basic visual concepts with a constrained variational
+framework" (ICLR); with --tcvae, β weighs only the total correlation of the aggregate posterior
+(Chen et al. 2018, "Isolating sources of disentanglement in VAEs", β-TCVAE). The 64x64 conv nets
+of disentanglement_lib (Locatello et al. 2019), smaller ones for 28x28 MNIST; β = 1 is the plain
+VAE. Each epoch, on fixed images: each latent's KL and, on sprites and squares (known factors),
+MIG on the posterior means and on z sampled from q(z|x), and the latent × factor MI matrix.
 
-    python beta_vae.py --device cpu --beta 4 --steps 4500   # the README's runs (and --beta 1): metrics at the end
-    python beta_vae.py --device cpu --beta 4 --epochs 9 --epoch-steps 500   # metrics every 500 steps (each a new order)
+    python beta_vae.py --dataset squares --beta 1 8 --seed 3   # Lab 3: plain β-VAE, β = 1 and 8
+    python beta_vae.py --dataset squares --tcvae --beta 1 6 --seed 3   # Lab 3: β-TCVAE
 """
 import argparse
 import itertools
 import json
 import math
 import os
+import sys
 import time
 
 import torch
 import torch.nn as nn
 
 import common
+import evaluation
 
 SCRIPT = "beta_vae.py"
-LOSSES = ("loss", "recon", "kl")  # what train_step returns, in this order
+LOSSES = ("loss", "recon", "kl", "tc")  # what train_step returns, in this order
 DEFAULTS = {"sprites": dict(
-    epochs=26,  # 26 passes of 11,520 steps: about disentanglement_lib's 300,000 β-VAE steps on dSprites
+    epochs=26,  # 26 passes of 11,520 steps: about disentanglement_lib's 300,000 steps on dSprites
     epoch_steps=0,  # an epoch is one pass over the 737,280 factor combinations
-    batch_size=64, lr=5e-4,  # disentanglement_lib's batch size; Burgess et al.'s (2018) Adam learning rate
-    beta=4.0, latents=10,  # Higgins et al.'s for dSprites
+    batch_size=64,  # disentanglement_lib's batch size
+    lr=5e-4,  # Burgess et al.'s (2018) Adam learning rate
+    beta=[4.0],  # Higgins et al.'s for dSprites
+    tcvae=False,
+    latents=10,  # Higgins et al.'s for dSprites
     mig_samples=10000)}  # MIG on 10,000 fixed images, as disentanglement_lib measures it
-DEFAULTS.update({d: {**DEFAULTS["sprites"], "epochs": 20} for d in ("mnist", "celeba")})  # 20 passes: no paper run to follow
+DEFAULTS["squares"] = {
+    **DEFAULTS["sprites"],
+    "epochs": 6,  # the lab: 6 epochs of 480 steps (5 passes over the 6,144 squares each)
+    "mig_samples": 6144}  # every one of the 6,144 squares
+DEFAULTS["mnist"] = {**DEFAULTS["sprites"], "epochs": 20}  # 20 passes: no paper run to follow
+DEFAULTS["celeba"] = DEFAULTS["mnist"]
+ACTIVE_KL = 0.1  # a latent with less KL (nats) than this is switched off (carries nothing)
 
 
 def add_flags(p):
-    p.add_argument("--beta", type=float, help="weight β of the KL term; 1 = the plain VAE (default: %(default)s)")
+    p.add_argument("--beta", type=float, nargs="+",
+                   help="weight β of the KL (with --tcvae: of the total correlation); 1 = the "
+                        "plain VAE; several values run a sweep, one after the other "
+                        "(default: %(default)s)")
+    p.add_argument("--tcvae", action="store_true",
+                   help="β-TCVAE: β weighs only the total correlation (default: off)")
     p.add_argument("--latents", type=int, help="latent dimensions (default: %(default)s)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--mig-samples", type=int, help="fixed sprites for MIG, the first 2,000 also for the KL (default: %(default)s images)")
+    p.add_argument("--mig-samples", type=int,
+                   help="fixed images for MIG and the KL (default: %(default)s images)")
 
 
 def check_flags(a):
-    need(0 < a.beta < math.inf and 0 < a.lr < math.inf, f"--beta and --lr must be finite and > 0 (got {a.beta}, {a.lr})")
-    need(1 <= a.latents <= 1000 and 8 <= a.mig_samples <= 100000,
-         f"--latents must be in 1-1000 and --mig-samples in 8-100000 (got {a.latents}, {a.mig_samples})")
+    betas = a.beta if isinstance(a.beta, list) else [a.beta]
+    need(all(0 < b < math.inf for b in betas), f"--beta must be finite and > 0 (got {a.beta})")
+    need(0 < a.lr < math.inf, f"--lr must be finite and > 0 (got {a.lr})")
+    need(1 <= a.latents <= 1000, f"--latents must be in 1-1000 (got {a.latents})")
+    need(8 <= a.mig_samples <= 100000, f"--mig-samples must be in 8-100000 (got {a.mig_samples})")
+    need(not a.resume or len(betas) == 1, "--resume continues one run: give one --beta")
 
 
-# ---- Models (disentanglement_lib's): q(z|x) = N(μ(x), diag σ²(x)); p(x|z) Bernoulli or Gaussian, from logits ---------------
+# ---- Models (disentanglement_lib's): q(z|x) = N(μ(x), diag σ²(x)); p(x|z) from logits ----------
 def conv_encoder(channels, size, latents):
-    """64x64: conv 32, 32, 64, 64 (4x4, stride 2, ReLU), FC 256, FC [μ, log σ²]; 28x28: conv 32, 64, FC 256, FC [μ, log σ²]."""
-    w, s = ((channels, 32, 32, 64, 64), 4) if size == 64 else ((channels, 32, 64), 7)  # s: the last conv's size
-    return nn.Sequential(*[m for a, b in zip(w, w[1:]) for m in (nn.Conv2d(a, b, 4, 2, 1), nn.ReLU())],
-                         nn.Flatten(), nn.Linear(w[-1] * s * s, 256), nn.ReLU(), nn.Linear(256, 2 * latents))
+    """x (B, C, H, W) -> [μ, log σ²] (B, 2·latents): 4x4 stride-2 convs, FC 256, FC."""
+    if size == 28:
+        return nn.Sequential(
+            nn.Conv2d(channels, 32, 4, 2, 1), nn.ReLU(),  # (B, 32, 14, 14)
+            nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),  # (B, 64, 7, 7)
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 256), nn.ReLU(),
+            nn.Linear(256, 2 * latents))
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 4, 2, 1), nn.ReLU(),  # (B, 32, 32, 32)
+        nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),  # (B, 32, 16, 16)
+        nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),  # (B, 64, 8, 8)
+        nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(),  # (B, 64, 4, 4)
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 256), nn.ReLU(),
+        nn.Linear(256, 2 * latents))
 
 
 def conv_decoder(channels, size, latents):
-    """The encoder mirrored: FC 256, FC 64·s·s, transposed convs 4x4 stride 2 with ReLUs between; (B, L) -> logits."""
-    w, s = ((64, 64, 32, 32, channels), 4) if size == 64 else ((64, 32, channels), 7)
-    return nn.Sequential(nn.Linear(latents, 256), nn.ReLU(), nn.Linear(256, 64 * s * s), nn.ReLU(), nn.Unflatten(1, (64, s, s)),
-                         *[m for a, b in zip(w, w[1:]) for m in (nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ReLU())][:-1])
+    """The encoder mirrored: z (B, latents) -> logits (B, C, H, W)."""
+    if size == 28:
+        return nn.Sequential(
+            nn.Linear(latents, 256), nn.ReLU(),
+            nn.Linear(256, 64 * 7 * 7), nn.ReLU(),
+            nn.Unflatten(1, (64, 7, 7)),
+            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),  # (B, 32, 14, 14)
+            nn.ConvTranspose2d(32, channels, 4, 2, 1))  # (B, C, 28, 28)
+    return nn.Sequential(
+        nn.Linear(latents, 256), nn.ReLU(),
+        nn.Linear(256, 64 * 4 * 4), nn.ReLU(),
+        nn.Unflatten(1, (64, 4, 4)),
+        nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(),  # (B, 64, 8, 8)
+        nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),  # (B, 32, 16, 16)
+        nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),  # (B, 32, 32, 32)
+        nn.ConvTranspose2d(32, channels, 4, 2, 1))  # (B, C, 64, 64)
 
 
-# ---- Losses and metrics ---------------------------------------------------------------------------------------------
+# ---- Losses ------------------------------------------------------------------------------------
 def reconstruction_loss(logits, x, likelihood):
-    """−log p(x|z): bernoulli (binary sprites, grey MNIST) or gaussian with σ² = ½, constant dropped (colour CelebA)."""
-    if likelihood == "bernoulli":  # Σ_pixels BCE(x, sigmoid(logits)), / B
-        return nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
-    return nn.functional.mse_loss(torch.sigmoid(logits), x, reduction="sum") / x.shape[0]  # Σ_pixels (sigmoid(logits) − x)², / B
+    """−log p(x|z): bernoulli (binary sprites, grey MNIST) or gaussian, σ² = ½ (colour CelebA)."""
+    if likelihood == "bernoulli":
+        # Σ_pixels BCE(x, sigmoid(logits)), a mean over the batch
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        return bce / x.shape[0]
+    # Σ_pixels (sigmoid(logits) − x)², a mean over the batch (the Gaussian's constant dropped)
+    return nn.functional.mse_loss(torch.sigmoid(logits), x, reduction="sum") / x.shape[0]
 
 
+def total_correlation(z, mu, logvar):
+    """TC = KL(q(z) ‖ Π_j q(z_j)), a mean over the batch, estimated as Chen et al. (2018, §4.1) do
+    with the batch's posteriors: q(z_i) ≈ 1/B Σ_k q(z_i | x_k). (Their minibatch-weighted sampling
+    divides by B·N, N the data size; that adds (L − 1)·log N to TC, a constant without gradient.)"""
+    batch = z.shape[0]
+    # log N(z_il; μ_kl, σ_kl²) of sample i under posterior k, latent l: (B, B, L)
+    log_q = -0.5 * (math.log(2 * math.pi) + logvar[None] + (z[:, None] - mu[None]).pow(2)
+                    / logvar[None].exp())
+    log_qz = torch.logsumexp(log_q.sum(2), dim=1) - math.log(batch)  # log q(z_i), (B,)
+    log_prod = (torch.logsumexp(log_q, dim=1) - math.log(batch)).sum(1)  # Σ_l log q(z_il), (B,)
+    return (log_qz - log_prod).mean()
+
+
+# ---- Metrics: the same code in beta_vae.py, vae_gan.py and vae_infogan.py ---------------------
 def kl_per_latent(mu, logvar):
     """KL(q(z_j|x) ‖ N(0, 1)) of each latent j, mean over the batch: (L,)."""
-    # closed form for Gaussians: KL(N(μ, σ²) ‖ N(0, 1)) = ½ (μ² + σ² − log σ² − 1), mean over the batch
+    # closed form for Gaussians: KL(N(μ, σ²) ‖ N(0, 1)) = ½ (μ² + σ² − log σ² − 1)
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).mean(0)
 
 
-def mig(codes, factors, sizes, bins=20):
-    """Mutual Information Gap (Chen et al. 2018) as in disentanglement_lib: each code (N, L) cut into `bins` equal bins
-    over its range; per factor (N, K), (largest − second largest MI with a code) / H(factor); mean over the factors."""
-    lo, hi = codes.min(0).values, codes.max(0).values
-    binned = ((codes - lo) / (hi - lo).clamp_min(1e-12) * bins).long().clamp(0, bins - 1)  # (N, L)
-    plogq = lambda p, q: torch.where(p > 0, p * (p / q).log(), torch.zeros_like(p))  # noqa: E731  p log(p/q), 0 at p = 0
-    gaps = []
+def mi_matrix(codes, factors, sizes, bins=20):
+    """I(code_j; factor_k) / H(factor_k), (L, K), as disentanglement_lib: each code (N, L) cut into
+    `bins` equal-width bins over its range. A constant factor's column is NaN (H = 0)."""
+    lo = codes.min(0).values
+    width = (codes.max(0).values - lo).clamp_min(1e-12) / bins
+    binned = ((codes - lo) / width).long().clamp(0, bins - 1)  # (N, L)
+    columns = []
     for k, size in enumerate(sizes):
-        f = factors[:, k].long()  # p(b, f): each code's bins b against the factor's values f, (L, bins, size)
-        joint = torch.stack([torch.bincount(b * size + f, minlength=bins * size) for b in binned.T]).view(-1, bins, size).double() / len(f)
-        p_b, p_f = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
-        h_f = -plogq(p_f[0], 1).sum()  # H(f) = −Σ_f p(f) log p(f), nats
-        mi = plogq(joint, p_b * p_f).sum((1, 2)).sort(descending=True).values  # I(b; f) = Σ p(b, f) log p(b, f) / p(b) p(f)
-        if h_f > 0:  # a constant factor carries no information (disentanglement_lib drops it too)
-            gaps.append((mi[0] - (mi[1] if len(mi) > 1 else 0)) / h_f)
-    return float(torch.stack(gaps).mean())
+        f = factors[:, k].long()
+        counts = [torch.bincount(b * size + f, minlength=bins * size) for b in binned.T]
+        joint = torch.stack(counts).view(-1, bins, size).double() / len(f)  # p(b, f): (L, bins, K)
+        p_b = joint.sum(2, keepdim=True)
+        p_f = torch.bincount(f, minlength=size).double() / len(f)  # exact: a constant f has p = 1
+        # H(f) = −Σ_f p(f) log p(f); I(b; f) = Σ p(b, f) log p(b, f) / (p(b) p(f)), in nats
+        h_f = -torch.special.xlogy(p_f, p_f).sum()
+        mi = (torch.special.xlogy(joint, joint) - torch.special.xlogy(joint, p_b * p_f)).sum((1, 2))
+        columns.append(mi / h_f if h_f > 0 else torch.full_like(mi, math.nan))
+    return torch.stack(columns, dim=1)
 
 
-def fixed_images(data, args):
-    """Fixed images as the encoder takes them, and factors: sprites' eval_set (binary: int8), else 1,000 training images."""
-    if args.dataset == "sprites":
-        x, factors = data.eval_set(args.mig_samples, seed=0)
-        return x.to(torch.int8), factors.cpu()
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:1000]
-    return data.batch(idx.to(data.images.device))[0], None
+def factor_gaps(matrix):
+    """Per factor, the largest minus the second largest normalised MI: (K,), NaN if constant."""
+    top = matrix.sort(dim=0, descending=True).values
+    second = top[1] if len(top) > 1 else torch.zeros_like(top[0])
+    return top[0] - second
+
+
+def mig(codes, factors, sizes):
+    """Mutual Information Gap (Chen et al. 2018): the mean gap over the non-constant factors."""
+    return float(factor_gaps(mi_matrix(codes, factors, sizes)).nanmean())
+
+
+def disentanglement(mu, logvar, factors, sizes):
+    """The metrics row: MIG on the means μ(x) and on z ~ q(z|x) (one fixed draw), each factor's
+    gap (sampled), the sampled MI matrix as mi_z<j>_<factor>, and the active latents."""
+    noise = torch.randn(mu.shape, generator=torch.Generator().manual_seed(0), dtype=mu.dtype)
+    z = mu + (0.5 * logvar).exp() * noise
+    matrix = mi_matrix(z, factors, sizes)
+    kept = [k for k, size in enumerate(sizes) if size > 1]
+    row = {"mig": mig(mu, factors, sizes), "mig_sampled": float(factor_gaps(matrix).nanmean())}
+    gaps = factor_gaps(matrix).tolist()
+    row.update({f"gap_{common.Sprites.FACTORS[k]}": gaps[k] for k in kept})
+    row["active"] = int((kl_per_latent(mu, logvar) > ACTIVE_KL).sum())
+    for j in range(len(matrix)):
+        row.update({f"mi_z{j}_{common.Sprites.FACTORS[k]}": float(matrix[j, k]) for k in kept})
+    return row
 
 
 @torch.no_grad()
 def encode_posterior(enc, images, chunk=1000):
-    """μ(x), log σ²(x) (N, L) on the CPU, in chunks, the encoder in eval mode (BatchNorm's running statistics)."""
-    was, _ = enc.training, enc.eval()
-    out = torch.cat([enc(images[i:i + chunk].float()) for i in range(0, len(images), chunk)]).cpu()
-    enc.train(was)
-    return out.chunk(2, dim=1)
+    """μ(x), log σ²(x) (N, L) on the CPU, in chunks, the encoder in eval mode."""
+    was_training = enc.training
+    enc.eval()
+    out = torch.cat([enc(images[i:i + chunk].float()) for i in range(0, len(images), chunk)])
+    enc.train(was_training)
+    return out.cpu().chunk(2, dim=1)
 
 
 def recon_quality(x, rec):
-    """Pixel MSE of reconstructions rec against images x (both in [0, 1]) and the % of grey reconstructed pixels."""
-    # MSE: mean over images, channels, pixels of (rec − x)²; grey: 100 · share of 0.1 < rec < 0.9 (blur, in binary images)
-    return float((rec - x).pow(2).mean()), 100 * float(((rec > 0.1) & (rec < 0.9)).float().mean())
+    """Pixel MSE of reconstructions rec against images x (both in [0, 1]) and the % of grey
+    reconstructed pixels (0.1 < rec < 0.9: blur, in binary images); each a mean over all pixels."""
+    mse = float((rec - x).pow(2).mean())
+    grey = 100 * float(((rec > 0.1) & (rec < 0.9)).float().mean())
+    return mse, grey
 
 
-# ---- ALGO LOGIC: one training step ----------------------------------------------------------------------------------
+# ---- ALGO LOGIC: one training step -------------------------------------------------------------
 def train_step(nets, opts, x, args):
-    """One Adam step on a batch x (B, C, H, W) in [0, 1]. Returns detached (loss, recon, kl)."""
-    # ---- encoder and decoder step: one loss, one optimizer over both ----
+    """One Adam step on a batch x (B, C, H, W) in [0, 1]. Returns detached (loss, recon, kl, tc)."""
     mu, logvar = nets["enc"](x).chunk(2, dim=1)
-    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation: z = μ + σ ε, ε ~ N(0, I)
-    recon = reconstruction_loss(nets["dec"](z), x, "gaussian" if x.shape[1] == 3 else "bernoulli")
-    kl = kl_per_latent(mu, logvar).sum()  # KL(q(z|x) ‖ N(0, I)): summed over the latents, mean over the batch
-    # the β-VAE objective (Higgins et al.), negated and batch-averaged: loss = −E_q[log p(x|z)] + β KL(q(z|x) ‖ p(z))
-    loss = recon + args.beta * kl
+    # reparameterisation: z = μ + σ ε, ε ~ N(0, I)
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+    likelihood = "gaussian" if x.shape[1] == 3 else "bernoulli"
+    recon = reconstruction_loss(nets["dec"](z), x, likelihood)
+    # KL(q(z|x) ‖ N(0, I)): summed over the latents, a mean over the batch
+    kl = kl_per_latent(mu, logvar).sum()
+    tc = total_correlation(z, mu, logvar)
+    if args.tcvae:
+        # β-TCVAE (Chen et al. eq. 4, α = γ = 1): KL = index-code MI + TC + dimension-wise KL, and
+        # only the TC gets β: loss = recon + KL + (β − 1) TC
+        loss = recon + kl + (args.beta - 1) * tc
+    else:
+        # β-VAE (Higgins et al. eq. 4), negated: loss = −E_q[log p(x|z)] + β KL(q(z|x) ‖ p(z))
+        loss = recon + args.beta * kl
     opts["opt"].zero_grad(set_to_none=True)
     loss.backward()
     opts["opt"].step()
-    return torch.stack([loss, recon, kl]).detach()
+    return torch.stack([loss, recon, kl, tc]).detach()
 
 
-# ---- Setup, evaluation, figures -------------------------------------------------------------------------------------
+# ---- Setup, evaluation, figures ----------------------------------------------------------------
 def build(args, shape):
     """Encoder, decoder and one Adam over both."""
-    enc, dec = (f(shape[0], shape[1], args.latents).to(args.device) for f in (conv_encoder, conv_decoder))
-    return {"enc": enc, "dec": dec}, {"opt": torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=args.lr)}
+    enc = conv_encoder(shape[0], shape[1], args.latents).to(args.device)
+    dec = conv_decoder(shape[0], shape[1], args.latents).to(args.device)
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=args.lr)
+    return {"enc": enc, "dec": dec}, {"opt": opt}
 
 
 def setup(args):
-    """Images in [0, 1] (the decoder's sigmoid), the fixed evaluation images and the figures' 64 prior samples."""
+    """Images in [0, 1] (the decoder's sigmoid), the fixed evaluation images, 64 prior samples."""
     data = common.load_data(args.dataset, args.data_root, torch.device(args.device))
-    z = torch.randn(64, args.latents, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
-    return data, dict(zip(("x", "factors"), fixed_images(data, args)), sizes=getattr(data, "SIZES", None), z=z)
-
-
-def evaluate(nets, ctx, args):
-    """KL of each latent on the fixed images (sprites: the first 2,000) and, on sprites, MIG on all of them."""
-    mu, logvar = encode_posterior(nets["enc"], ctx["x"])
-    row = {f"kl_z{j}": v for j, v in enumerate(kl_per_latent(mu[:2000], logvar[:2000]).tolist())}
-    return {**row, "mig": mig(mu, ctx["factors"], ctx["sizes"]) if ctx["factors"] is not None else math.nan}
+    x, factors = common.fixed_images(data, args.mig_samples, args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    z = torch.randn(64, args.latents, generator=g).to(args.device)
+    return data, {"x": x, "factors": factors, "sizes": getattr(data, "SIZES", None), "z": z}
 
 
 @torch.no_grad()
-def save_figures(nets, ctx, run, args):
-    """reconstructions.png, samples.png, fig14_traversals.png (image 0, latents by KL), fig15_kl_per_latent.png, losses.png."""
-    enc, dec, path = nets["enc"], nets["dec"], lambda name: os.path.join(run.dir, name)  # noqa: E731
-    enc.eval(), dec.eval()
+def evaluate(nets, ctx, args):
+    """Each latent's KL on the fixed images; reconstruction error and grey pixels on the first
+    1,000; with known factors, MIG both ways and the MI matrix."""
+    mu, logvar = encode_posterior(nets["enc"], ctx["x"])
+    row = {f"kl_z{j}": v for j, v in enumerate(kl_per_latent(mu, logvar).tolist())}
+    nets["dec"].eval()
+    rec = torch.sigmoid(nets["dec"](mu[:1000].to(args.device))).cpu()
+    nets["dec"].train()
+    row["mse"], row["grey_pct"] = recon_quality(ctx["x"][:1000].float().cpu(), rec)
+    if ctx["factors"] is not None:
+        row.update(disentanglement(mu, logvar, ctx["factors"], ctx["sizes"]))
+    return row
+
+
+@torch.no_grad()
+def save_figures(nets, ctx, args, folder, row):
+    """reconstructions.png, samples.png, fig14_traversals.png, fig15_kl_per_latent.png,
+    mi_matrix.png (known factors), losses.png."""
+    enc, dec = nets["enc"], nets["dec"]
+    step = row["step"]
+    enc.eval()
+    dec.eval()
     x = ctx["x"][:8].float()
     mu = enc(x).chunk(2, dim=1)[0]
     rec = torch.sigmoid(dec(mu))
     mse, grey = recon_quality(x, rec)
-    common.save_grid(torch.cat([x, rec]), path("reconstructions.png"), nrow=8, row_labels=["real", "β-VAE"],
-                     title=f"β-VAE reconstructions (posterior mean), step {run.step}\npixel MSE {mse:.4f}, grey pixels {grey:.1f}%")
-    common.save_grid(torch.sigmoid(dec(ctx["z"])), path("samples.png"), nrow=8, title=f"β-VAE prior samples, step {run.step}")
-    order, values = sorted(range(args.latents), key=lambda j: -run.row[f"kl_z{j}"])[:10], torch.linspace(-3, 3, 9)
-    z = mu[0] + torch.eye(args.latents, device=mu.device)[order, None] * values.to(mu.device)[:, None]  # row r moves z_order[r]
-    common.save_traversal(torch.sigmoid(dec(z.flatten(0, 1))).view(len(order), 9, *x.shape[1:]), path("fig14_traversals.png"),
-                          values, row_labels=[f"z{j} KL {run.row[f'kl_z{j}']:.2f}" for j in order], xlabel="offset from μ_j",
-                          title=f"β-VAE: ±3 around μ(fixed image 0), rows by KL, step {run.step}")
-    enc.train(), dec.train()
-    common.plot_metrics(path("metrics.csv"), [f"kl_z{j}" for j in order], path("fig15_kl_per_latent.png"), x="step", ylabel="KL (nats)")
-    common.plot_metrics(path("metrics.csv"), list(LOSSES), path("losses.png"), x="step", logy=True, title="β-VAE losses")
+    title = (f"β-VAE reconstructions (posterior mean), step {step}\n"
+             f"pixel MSE {mse:.4f}, grey pixels {grey:.1f}%")
+    common.save_grid(torch.cat([x, rec]), os.path.join(folder, "reconstructions.png"), nrow=8,
+                     row_labels=["real", "β-VAE"], title=title)
+    common.save_grid(torch.sigmoid(dec(ctx["z"])), os.path.join(folder, "samples.png"), nrow=8,
+                     title=f"β-VAE prior samples, step {step}")
+    # Fig. 14: the encoded image 0 in the first column, then latent j moved ±3 around μ_j
+    order = sorted(range(args.latents), key=lambda j: -row[f"kl_z{j}"])[:10]
+    values = torch.linspace(-3, 3, 9)
+    offsets = torch.eye(args.latents)[order, None] * values[:, None]  # (rows, 9, L)
+    moved = torch.sigmoid(dec((mu[0] + offsets.to(mu.device)).flatten(0, 1)))
+    labels = [f"z{j} KL {row[f'kl_z{j}']:.2f} {common.carried(row, j)}" for j in order]
+    common.save_encoded_traversal(x[:1].expand(len(order), *x.shape[1:]),
+                                  moved.view(len(order), 9, *x.shape[1:]), values,
+                                  os.path.join(folder, "fig14_traversals.png"), labels,
+                                  f"β-VAE: latents by KL, the factor each carries, step {step}")
+    enc.train()
+    dec.train()
+    metrics = os.path.join(folder, "metrics.csv")
+    common.plot_metrics(metrics, [f"kl_z{j}" for j in order],
+                        os.path.join(folder, "fig15_kl_per_latent.png"), x="step",
+                        ylabel="KL (nats)")
+    common.plot_metrics(metrics, list(LOSSES), os.path.join(folder, "losses.png"), x="step",
+                        logy=True, title="β-VAE losses")
+    if ctx["factors"] is not None:
+        common.save_mi_matrix(row, args.latents, os.path.join(folder, "mi_matrix.png"),
+                       f"normalised MI of sampled z with each factor, step {step}")
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    betas = args.beta
+    out = args.out
+    if len(betas) > 1:
+        kind = "tcvae" if args.tcvae else "beta"
+        name = f"{SCRIPT[:-3]}__{args.dataset}__sweep-{kind}{'-'.join(f'{b:g}' for b in betas)}"
+        out = os.path.join(args.out, f"{name}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    runs = []
+    for beta in betas:  # one run after the other
+        runs.append(train(argparse.Namespace(**{**vars(args), "beta": beta, "out": out})))
+    if len(runs) > 1:
+        command = "python " + " ".join([SCRIPT, *(sys.argv[1:] if argv is None else argv)])
+        evaluation.compare_vae(runs, out, command)
 
 
 # ================================================================================================
-# PLUMBING — the same text in every script (a test checks it); a reader beside the report may skip it. The shared
-# flags; a run's folder, checkpoint, resume, data order, progress line and NaN check; the loop that calls the hooks.
-RUN_FLAGS = ("device", "data_root", "epochs", "steps", "out", "resume", "log_every")  # may change on --resume
+# PLUMBING: the same text in every script (a test checks it); a reader beside the report may skip
+# it. The shared flags, run folder, checkpoint, progress line; train(), the loop calling the hooks.
+RUN_FLAGS = ("device", "data_root", "epochs", "steps", "out", "resume", "log_every")
 
 
 def parse_args(argv=None):
-    """The shared flags, then the script's own (add_flags), with the defaults of DEFAULTS[--dataset]."""
+    """The shared flags, then the script's own (add_flags); defaults: DEFAULTS[--dataset]."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--dataset", choices=tuple(DEFAULTS), default=tuple(DEFAULTS)[0])
+    pre.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0])
+    pre.error = common.die  # argparse's own errors: one line, exit status 1 too
     dataset = pre.parse_known_args(argv)[0].dataset
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=f"(defaults of --dataset {dataset})")
-    p.add_argument("--dataset", choices=tuple(DEFAULTS), help="training data (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw or img_align_celeba (default: %(default)s)")
-    p.add_argument("--out", default="runs", help="parent folder of the run folder (default: %(default)s)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=f"(defaults of --dataset {dataset})")
+    p.error = common.die
+    p.add_argument("--dataset", choices=list(DEFAULTS), help="training data (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--data-root", default="./data",
+                   help="folder holding MNIST/raw or img_align_celeba (default: %(default)s)")
+    p.add_argument("--out", default="runs", help="where the run folder goes (default: %(default)s)")
     p.add_argument("--resume", help="checkpoint.pt or run folder to continue (default: none)")
-    numbers = (("seed", 1, 0, 2 ** 31, "seed of the weights, data order and noise"), ("epochs", None, 1, 10 ** 6, "training epochs"),
-               ("epoch-steps", None, 0, 10 ** 9, "steps per epoch, 0 = a pass over the data; metrics, figures, checkpoint "
-                "at each epoch's end"), ("steps", None, 1, 10 ** 9, "stop after this many steps in all; none = no cap"),
-               ("batch-size", None, 2, 4096, "samples per step"), ("log-every", 100, 1, 10 ** 9, "steps between progress lines"))
-    for flag, default, _, _, text in numbers:
-        p.add_argument("--" + flag, type=int, default=default, help=text + " (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the weights, data order and noise (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: %(default)s)")
+    p.add_argument("--epoch-steps", type=int, help="steps per epoch, 0 = a pass over the data; "
+                   "metrics, figures, checkpoint at each epoch's end (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="stop after this many steps in all (default: no cap)")
+    p.add_argument("--batch-size", type=int, help="samples per step (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=100,
+                   help="steps between progress lines (default: %(default)s)")
     add_flags(p)
-    pre.error = p.error = lambda message: common.die(message)  # argparse's own errors: one line, exit status 1 too
     p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
     args = p.parse_args(argv)
-    for flag, _, low, high, _ in numbers:
-        value = getattr(args, flag.replace("-", "_"))
-        need(value is None or low <= value <= high, f"--{flag} must be between {low} and {high} (got {value})")
-    need(args.device in ("cpu", "cuda") or args.device[5:].isdigit() and args.device.startswith("cuda:"),
-         f"--device {args.device} is not a device here; use cpu or cuda")
-    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(), f"--device {args.device}: no such CUDA "
-         "GPU here; use --device cpu")
+    need(0 <= args.seed <= 2 ** 31, "--seed must be between 0 and 2**31")
+    need(1 <= args.epochs <= 10 ** 6, "--epochs must be between 1 and 10**6")
+    need(args.epoch_steps >= 0, "--epoch-steps must be 0 or more")
+    need(args.steps is None or args.steps >= 1, "--steps must be 1 or more")
+    need(2 <= args.batch_size <= 4096, "--batch-size must be between 2 and 4096")
+    need(1 <= args.log_every <= 10 ** 9, "--log-every must be between 1 and 10**9")
+    cuda = args.device.startswith("cuda:") and args.device[5:].isdigit() or args.device == "cuda"
+    need(args.device == "cpu" or cuda, f"--device {args.device} is not a device; use cpu or cuda")
+    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(),
+         f"--device {args.device}: no such CUDA GPU here; use --device cpu")
     need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
     check_flags(args)
     return args
@@ -222,120 +370,140 @@ def need(ok, message):  # stop with a one-line error (no traceback) unless ok
         common.die(message)
 
 
-def load_checkpoint(args):
-    """A checkpoint of this script with the same experiment flags, loaded without running any code in it."""
+def make_run_folder(args):
+    """runs/<script>__<dataset>[__k<K>[-first-order]]__s<seed>__<time>/ and its config.json."""
+    name = f"{SCRIPT[:-3]}__{args.dataset}"
+    if "k" in vars(args):  # the unrolled scripts
+        name += f"__k{args.k}" + ("-first-order" if getattr(args, "first_order", False) else "")
+    folder = os.path.join(args.out, f"{name}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    chip = torch.cuda.get_device_name(args.device) if args.device != "cpu" else "cpu"
+    try:
+        os.makedirs(folder)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**vars(args), "torch": torch.__version__, "device_name": chip}, f, indent=1)
+    except OSError as e:
+        common.die(f"cannot write the run folder {folder} ({e.strerror}); choose another --out")
+    return folder
+
+
+def load_checkpoint(args, nets, opts, data_gen):
+    """--resume: a checkpoint of this script with the same experiment flags, loaded without running
+    any code in it, into nets, opts and the RNGs. Returns its folder, step and seconds."""
     path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
-    try:  # weights_only: tensors, numbers, strings and containers of them; a pickle that would run code is refused
+    need(os.path.exists(path), f"--resume {path}: no such file or folder")
+    try:  # weights_only: tensors, numbers, strings, containers; a pickle that runs code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})" if os.path.exists(path)
-                   else f"--resume {path}: no such file or folder")
-    need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT, f"{path} is not a checkpoint of {SCRIPT}")
-    need(all(key in ckpt for key in ("args", "step", "seconds", "models", "optims", "rng")), f"{path} is not a complete checkpoint")
-    for flag in sorted(set(vars(args)) | set(ckpt["args"])):
-        need(flag in RUN_FLAGS or vars(args).get(flag) == ckpt["args"].get(flag), f"--{flag.replace('_', '-')} is "
-             f"{vars(args).get(flag)} but {path} was trained with {ckpt['args'].get(flag)}; resume with the same value")
-    return path, ckpt
+        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
+    need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
+         f"{path} is not a checkpoint of {SCRIPT}")
+    keys = ("args", "step", "seconds", "models", "optims", "rng")
+    need(all(key in ckpt for key in keys), f"{path} is not a complete checkpoint")
+    for flag in sorted(set(vars(args)) | set(ckpt["args"])):  # only RUN_FLAGS may change
+        now, then = vars(args).get(flag), ckpt["args"].get(flag)
+        need(flag in RUN_FLAGS or now == then, f"--{flag.replace('_', '-')} is {now} but {path} "
+             f"was trained with {then}; resume with the same value")
+    try:
+        for name, net in nets.items():
+            net.load_state_dict(ckpt["models"][name])
+        for name, opt in opts.items():
+            opt.load_state_dict(ckpt["optims"][name])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        if args.device != "cpu" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], args.device)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        common.die(f"{path} does not fit these networks ({type(e).__name__}); "
+                   "resume with the flags it was made with")
+    folder = os.path.dirname(os.path.abspath(path))
+    common.truncate_metrics(os.path.join(folder, "metrics.csv"), ckpt["step"])  # rows past it go
+    return folder, ckpt["step"], ckpt["seconds"]
 
 
-class Run:
-    """One run's folder (config.json, metrics.csv, checkpoint.pt), its data order, resume (bit for bit from
-    where the last checkpoint stopped), progress lines and NaN check."""
+def save_checkpoint(folder, args, step, seconds, nets, opts, data_rng):
+    """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (temp file, rename)."""
+    cuda_rng = torch.cuda.get_rng_state(args.device) if args.device != "cpu" else None
+    ckpt = {"script": SCRIPT, "args": vars(args), "step": step, "seconds": seconds,
+            "models": {name: net.state_dict() for name, net in nets.items()},
+            "optims": {name: opt.state_dict() for name, opt in opts.items()},
+            "rng": {"torch": torch.get_rng_state(), "data": data_rng, "cuda": cuda_rng}}
+    torch.save(ckpt, os.path.join(folder, "checkpoint.tmp"))
+    os.replace(os.path.join(folder, "checkpoint.tmp"), os.path.join(folder, "checkpoint.pt"))
 
-    def __init__(self, args, nets, opts):
-        self.args, self.nets, self.opts, self.device = args, nets, opts, torch.device(args.device)
-        self.step, self.seconds, self.data_gen = 0, 0.0, torch.Generator().manual_seed(args.seed)
-        if args.resume:
-            path, ckpt = load_checkpoint(args)
-            try:
-                for part, group in (("models", nets), ("optims", opts)):
-                    for name, module in group.items():
-                        module.load_state_dict(ckpt[part][name])
-                torch.set_rng_state(ckpt["rng"]["torch"])
-                self.data_gen.set_state(ckpt["rng"]["data"])
-                if self.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-                    torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
-            except (RuntimeError, ValueError, KeyError, TypeError) as e:
-                common.die(f"{path} does not fit these networks ({type(e).__name__}); resume with the flags it was made with")
-            self.dir, self.step, self.seconds = os.path.dirname(os.path.abspath(path)), ckpt["step"], ckpt["seconds"]
-            common.truncate_metrics(os.path.join(self.dir, "metrics.csv"), self.step)
-        else:
-            k = f"__k{args.k}{'-first-order' * vars(args).get('first_order', False)}" if "k" in vars(args) else ""
-            self.dir = os.path.join(args.out, f"{SCRIPT[:-3]}__{args.dataset}{k}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-            try:
-                os.makedirs(self.dir)
-                with open(os.path.join(self.dir, "config.json"), "w") as f:
-                    json.dump({**vars(args), "torch": torch.__version__, "device_name": torch.cuda.get_device_name(
-                        self.device) if self.device.type == "cuda" else "cpu"}, f, indent=1)
-            except OSError as e:
-                common.die(f"cannot write the run folder {self.dir} ({e.strerror}); choose another --out")
-        print(f"run folder {self.dir} ({f'resumed at step {self.step}' if args.resume else 'new run'})", flush=True)
-        self.first, self.t_start = self.step, time.time()
 
-    def batches(self, data):
-        """The training batches, epoch after epoch, from where a resumed run stopped to --epochs or --steps."""
-        full = data.steps_per_epoch(self.args.batch_size)
-        self.per_epoch = min(full, self.args.epoch_steps or full)
-        need(self.per_epoch > 0, f"--batch-size {self.args.batch_size} is larger than the training set")
-        self.total = min(self.args.epochs * self.per_epoch, self.args.steps or 10 ** 18)
-        self.bad = torch.full((len(LOSSES),), -1, device=self.device)  # the first step at which a loss was not finite
-        while self.step < self.total:
-            self.epoch_rng = self.data_gen.get_state()  # this epoch's order is drawn from it (saved for resume)
-            self.sums = self.epoch_sums = self.epoch_n = 0
-            self.line_step, self.t_line, self.t_epoch, skip = self.step, time.time(), time.time(), self.step % self.per_epoch
-            for i, batch in enumerate(itertools.islice(data.epoch(self.args.batch_size, self.data_gen), self.per_epoch)):
-                if i >= skip:
-                    self.epoch_end = i + 1 == self.per_epoch or self.step + 1 == self.total
-                    yield batch
-                    if self.step == self.total:
-                        return
-
-    def log(self, losses):
-        """Count a step, add its losses (no host sync); every --log-every steps: NaN check, progress. True at an epoch's end."""
-        self.step, self.epoch_n = self.step + 1, self.epoch_n + 1
-        self.sums, self.epoch_sums = self.sums + losses, self.epoch_sums + losses
-        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(losses), self.step, self.bad)
-        if self.step % self.args.log_every == 0 or self.epoch_end:
-            for name, at in zip(LOSSES, self.bad.tolist()):
-                need(at < 0, f"{name} became NaN or infinite at step {at}; lower the learning rate or check the data")
-            rate = (self.step - self.line_step) / max(time.time() - self.t_line, 1e-9)
-            means, eta = (self.sums / (self.step - self.line_step)).tolist(), (self.total - self.step) / max(rate, 1e-9)
-            print(f"epoch {math.ceil(self.step / self.per_epoch)}/{self.args.epochs}  step {self.step}/{self.total}  "
-                  + "  ".join(f"{name} {v:.3f}" for name, v in zip(LOSSES, means))
-                  + f"  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-            self.sums, self.line_step, self.t_line = 0, self.step, time.time()
-        self.train_seconds = time.time() - self.t_epoch  # read at an epoch's end: training only, no evaluation
-        return self.epoch_end
-
-    def save(self, row):
-        """At an epoch's end: a metrics.csv row (mean losses, speed, evaluation), then the checkpoint, atomically."""
-        self.row = {"epoch": round(self.step / self.per_epoch, 3), "step": self.step, "steps_per_s": self.epoch_n /
-                    self.train_seconds, "seconds": round(self.seconds + time.time() - self.t_start, 1),  # over resumes too
-                    **dict(zip(LOSSES, (self.epoch_sums / self.epoch_n).tolist())), **row}
-        common.append_metrics(os.path.join(self.dir, "metrics.csv"), self.row)
-        rng = {"torch": torch.get_rng_state(), "data": self.epoch_rng if self.step % self.per_epoch else self.data_gen.get_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        torch.save({"script": SCRIPT, "args": vars(self.args), "step": self.step, "seconds": self.row["seconds"], "rng": rng,
-                    "models": {k: m.state_dict() for k, m in self.nets.items()},
-                    "optims": {k: o.state_dict() for k, o in self.opts.items()}}, os.path.join(self.dir, "checkpoint.tmp"))
-        os.replace(os.path.join(self.dir, "checkpoint.tmp"), os.path.join(self.dir, "checkpoint.pt"))
+def progress(epoch, step, total, mean_losses, rate, args):
+    """The progress line: epoch, step, the mean losses since the last line, speed, time left."""
+    eta = (total - step) / max(rate, 1e-9)
+    losses = "  ".join(f"{name} {value:.3f}" for name, value in zip(LOSSES, mean_losses.tolist()))
+    print(f"epoch {epoch}/{args.epochs}  step {step}/{total}  {losses}"
+          f"  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
 
 
 def train(args):
-    """One run: data, networks; per step train_step; per epoch an evaluation row, a checkpoint and figures."""
+    """One run: seed, data, networks, the run folder; then epoch after epoch of train_step, and at
+    each epoch's end a metrics.csv row, the checkpoint and the figures. Returns the run folder."""
+    # TRY NOT TO MODIFY: seeding
     torch.manual_seed(args.seed)  # the weights and the training noise
+    data_gen = torch.Generator().manual_seed(args.seed)  # the order of the training data
     data, ctx = setup(args)
     nets, opts = build(args, data.shape)
-    run = Run(args, nets, opts)
-    for x, _ in run.batches(data):
-        if run.log(train_step(nets, opts, x, args)):  # True at each epoch's end
-            run.save(evaluate(nets, ctx, args))
-            save_figures(nets, ctx, run, args)
-    wall, n = time.time() - run.t_start, run.step - run.first
-    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2 ** 20:.0f} MiB" if run.device.type == "cuda" else ""
-    print(f"done: {n} steps in {wall:.1f} s ({n / max(wall, 1e-9):.2f} steps/s){peak}, run folder {run.dir}", flush=True)
-    return run.dir
+    per_epoch = min(data.steps_per_epoch(args.batch_size), args.epoch_steps or math.inf)
+    need(per_epoch > 0, f"--batch-size {args.batch_size} is larger than the training set")
+    total = min(args.epochs * per_epoch, args.steps or math.inf)
+    if args.resume:
+        folder, step, seconds = load_checkpoint(args, nets, opts, data_gen)
+    else:
+        folder, step, seconds = make_run_folder(args), 0, 0.0
+    how = f"resumed at step {step}" if args.resume else "new run"
+    print(f"run folder {folder} ({how})", flush=True)
+    first_step, t_start = step, time.time()
+    first_bad = torch.full((len(LOSSES),), -1, device=args.device)  # each loss's first NaN/inf step
+
+    # THE LOOP: epoch after epoch, batch after batch
+    while step < total:
+        epoch = step // per_epoch  # 0-based
+        epoch_rng = data_gen.get_state()  # this epoch's order is drawn from it (saved mid-epoch)
+        begin, end = epoch * per_epoch, min((epoch + 1) * per_epoch, total)  # steps begin+1..end
+        epoch_start, line_start = step, step
+        epoch_sums = line_sums = 0
+        t_epoch = t_line = time.time()
+        batches = data.epoch(args.batch_size, data_gen)  # a resumed run skips its first batches
+        for x, _ in itertools.islice(batches, step - begin, end - begin):
+            losses = train_step(nets, opts, x, args)
+            step += 1
+            epoch_sums = epoch_sums + losses  # on the device: no host sync per step
+            line_sums = line_sums + losses
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
+            if step % args.log_every == 0 or step == end:
+                for name, at in zip(LOSSES, first_bad.tolist()):
+                    need(at < 0, f"{name} became NaN or infinite at step {at}; "
+                         "lower the learning rate or check the data")
+                rate = (step - line_start) / max(time.time() - t_line, 1e-9)
+                progress(epoch + 1, step, total, line_sums / (step - line_start), rate, args)
+                line_sums, line_start, t_line = 0, step, time.time()
+        train_seconds = time.time() - t_epoch  # training only, no evaluation
+
+        # the epoch's end (or --steps): a metrics.csv row, the checkpoint, the figures
+        row = {"epoch": round(step / per_epoch, 3),
+               "step": step,
+               "steps_per_s": (step - epoch_start) / train_seconds,
+               "seconds": round(seconds + time.time() - t_start, 1),  # over resumes too
+               **dict(zip(LOSSES, (epoch_sums / (step - epoch_start)).tolist())),
+               **evaluate(nets, ctx, args)}
+        common.append_metrics(os.path.join(folder, "metrics.csv"), row)
+        data_rng = epoch_rng if step % per_epoch else data_gen.get_state()  # mid-epoch: replay it
+        save_checkpoint(folder, args, step, row["seconds"], nets, opts, data_rng)
+        save_figures(nets, ctx, args, folder, row)
+
+    wall, n = time.time() - t_start, step - first_step
+    peak = ""
+    if args.device != "cpu":
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated(args.device) / 2 ** 20:.0f} MiB"
+    print(f"done: {n} steps in {wall:.1f} s ({n / max(wall, 1e-9):.2f} steps/s){peak}, "
+          f"run folder {folder}", flush=True)
+    return folder
 # ==================================== (end of the plumbing) ====================================
+
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-DATASETS = ("mnist", "sprites", "celeba", "ring", "grid")
+DATASETS = ("mnist", "sprites", "squares", "celeba", "ring", "grid")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -130,32 +130,37 @@ def load_image_folder(root, device, size=64, limit=None, signed=False):
 class Sprites(Indexed):
     """dSprites' factor layout (shape 3, scale 6, orientation 40, x 32, y 32; 64x64 binary images),
     rendered on the device from the factors. Not the original dSprites file: our own renderer.
+    ``squares=True``: the reduced lab variant, one square shape and no rotation (scale 6, x 32,
+    y 32: 6,144 images); shape and orientation stay in the layout as constant factors, and an
+    epoch is 5 passes over the 6,144 (so that evaluation comes every 480 steps at batch 64).
 
-    An index in [0, 737280) names one factor combination (mixed radix, last factor fastest), so an
-    epoch visits every combination once, like one pass over dSprites."""
+    An index names one factor combination (mixed radix, last factor fastest), so an epoch visits
+    every combination once (squares: 5 times), like one pass over dSprites."""
 
     FACTORS = ("shape", "scale", "orientation", "pos_x", "pos_y")
-    SIZES = (3, 6, 40, 32, 32)
     SHAPES = ("square", "ellipse", "heart")
     SIZE = 64
 
-    def __init__(self, device, signed=False):
+    def __init__(self, device, signed=False, squares=False):
         self.device, self.signed = torch.device(device), signed
-        self.name = "sprites"
+        self.name = "squares" if squares else "sprites"
+        self.SIZES = (1, 6, 1, 32, 32) if squares else (3, 6, 40, 32, 32)
+        self.combinations = math.prod(self.SIZES)
+        self.repeats = 5 if squares else 1
         self.labels = None
         c = (torch.arange(self.SIZE, dtype=torch.float32, device=self.device) + 0.5) / self.SIZE
         self.py, self.px = torch.meshgrid(c, c, indexing="ij")  # pixel centres in [0, 1], y down
 
     def __len__(self):
-        return math.prod(self.SIZES)
+        return self.combinations * self.repeats
 
     @property
     def shape(self):
         return (1, self.SIZE, self.SIZE)
 
     def factors(self, idx):
-        """Factor indices (B, 5) of combination indices (B,)."""
-        idx, out = idx.clone(), []
+        """Factor indices (B, 5) of combination indices (B,) (taken modulo the combinations)."""
+        idx, out = idx % self.combinations, []
         for size in reversed(self.SIZES):
             out.append(idx % size)
             idx = idx // size
@@ -188,7 +193,7 @@ class Sprites(Indexed):
     def eval_set(self, n, seed=0):
         """A fixed evaluation set of n random combinations (the same for every run with this seed)."""
         g = torch.Generator().manual_seed(seed)
-        return self.batch(torch.randperm(len(self), generator=g)[:n].to(self.device))
+        return self.batch(torch.randperm(self.combinations, generator=g)[:n].to(self.device))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,12 +236,22 @@ class ToyData:
             yield points[i * batch_size:(i + 1) * batch_size], k[i * batch_size:(i + 1) * batch_size]
 
 
+def fixed_images(data, n, seed):
+    """Fixed evaluation images as stored and their factors on the CPU: sprites or squares, n of them
+    (binary: int8) from a fixed order; other data, 1,000 training images (by seed), no factors."""
+    if isinstance(data, Sprites):
+        x, factors = data.eval_set(n, seed=0)
+        return x.to(torch.int8), factors.cpu()
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:1000]
+    return data.batch(idx.to(data.device))[0], None
+
+
 def load_data(name, root, device, train=True, signed=False, image_size=64, limit=None):
     """One entry point for every dataset a script accepts (see ``DATASETS``); signed: images in [-1, 1]."""
     if name == "mnist":
         return load_mnist(root, device, train, signed)
-    if name == "sprites":
-        return Sprites(device, signed)
+    if name in ("sprites", "squares"):
+        return Sprites(device, signed, squares=name == "squares")
     if name == "celeba":
         return load_image_folder(root, device, image_size, limit, signed)
     if name in ("ring", "grid"):
@@ -375,6 +390,72 @@ def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=F
         ax.set_title(title, fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def carried(row, j):
+    """'factor share': the factor latent j carries most (sampled MI / H) in a VAE metrics row, or
+    '' where the row has no factors."""
+    shares = {k[len(f"mi_z{j}_"):]: v for k, v in row.items() if k.startswith(f"mi_z{j}_")}
+    if not shares:
+        return ""
+    name = max(shares, key=shares.get)
+    return f"{name} {shares[name]:.2f}"
+
+
+def save_mi_matrix(row, latents, path, title):
+    """The sampled latent × factor MI matrix of a metrics row, latents sorted by KL."""
+    order = sorted(range(latents), key=lambda j: -row[f"kl_z{j}"])
+    names = [k[len("mi_z0_"):] for k in row if k.startswith("mi_z0_")]
+    matrix = [[row[f"mi_z{j}_{name}"] for name in names] for j in order]
+    labels = [f"z{j} (KL {row[f'kl_z{j}']:.2f})" for j in order]
+    save_matrix(matrix, path, labels, names, title)
+
+
+def save_encoded_traversal(inputs, moved, values, path, row_labels, title):
+    """Fig. 14's layout: row r shows inputs[r] (C, H, W), then moved[r] (len(values), C, H, W), the
+    decoded image with one latent set to each of values; all in [0, 1]."""
+    grid = torch.cat([inputs[:, None], moved], dim=1)  # (R, 1 + len(values), C, H, W)
+    save_grid(grid.flatten(0, 1), path, nrow=grid.shape[1], row_labels=row_labels,
+              col_labels=["input", *(f"{v:+.1f}" for v in values.tolist())], title=title,
+              xlabel="offset from μ_j (first column: the encoded image)")
+
+
+def save_matrix(matrix, path, row_labels, col_labels, title=None):
+    """A heatmap of matrix (R, C) with values in [0, 1], each cell written in it (the MI matrix)."""
+    m = torch.as_tensor(matrix).detach().float().cpu()
+    fig, ax = plt.subplots(figsize=(1.1 * m.shape[1] + 2.2, 0.42 * m.shape[0] + 1.4))
+    ax.imshow(m.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for (i, j), v in zip(torch.cartesian_prod(torch.arange(m.shape[0]), torch.arange(m.shape[1])).tolist(),
+                         m.flatten().tolist()):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if v > 0.5 else "black")
+    ax.set_xticks(range(m.shape[1]))
+    ax.set_xticklabels(col_labels, fontsize=8)
+    ax.set_yticks(range(m.shape[0]))
+    ax.set_yticklabels(row_labels, fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def save_curves(xs, series, path, xlabel, ylabel, title=None, logx=False):
+    """Lines over xs: series = {label: (ys, lows, highs)}, lows/highs a band (None for no band)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, (ys, lows, highs) in series.items():
+        line, = ax.plot(xs, ys, marker="o", label=label)
+        if lows is not None:
+            ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)

@@ -400,13 +400,112 @@ def compare(paths, out, command):
     return lines
 
 
+VAE_COLUMNS = (  # (metrics.csv column, header, format)
+    ("mig_sampled", "MIG (sampled z)", "{:.3f}"),
+    ("mig", "MIG (means)", "{:.3f}"),
+    ("mse", "recon MSE", "{:.4f}"),
+    ("grey_pct", "grey pixels %", "{:.1f}"),
+    ("active", "active latents", "{:.1f}"))
+
+
+VAE_SCRIPTS = ("beta_vae", "vae_gan", "vae_infogan")
+
+
+def vae_label(cfg, folder):
+    """A VAE-family run's setting, from its folder's script name and its config."""
+    script = os.path.basename(folder).split("__")[0]
+    if script == "beta_vae" and cfg["beta"] == 1:
+        return "VAE (β = 1)"  # with --tcvae too: β = 1 weighs the TC as the plain VAE does
+    if script == "beta_vae":
+        kind = "β-TCVAE" if cfg.get("tcvae") else "β-VAE"
+        return f"{kind} β = {cfg['beta']:g}"
+    if script == "vae_gan":
+        return f"VAE-GAN β = {cfg['beta']:g}"
+    return f"VAE-InfoGAN K = {cfg['k']} β = {cfg['beta']:g}"
+
+
+def mean_sd(values, fmt):
+    """'mean ± s.d.' of values (s.d. over seeds, left out for one value)."""
+    text = fmt.format(sum(values) / len(values))
+    if len(values) > 1:
+        text += " ± " + fmt.format(float(torch.tensor(values, dtype=torch.float64).std()))
+    return text
+
+
+def carriers(row, factors):
+    """For each factor, the latent with the largest sampled MI with it: {factor: 'z<j>'}."""
+    latents = sorted({int(k.split("_")[1][1:]) for k in row if k.startswith("mi_z")})
+    return {f: "z%d" % max(latents, key=lambda j: row[f"mi_z{j}_{f}"]) for f in factors}
+
+
+def compare_vae(paths, out, command):
+    """comparison.md for β-VAE, VAE-GAN and VAE-InfoGAN runs on sprites or squares: one row per
+    setting, the mean ± s.d. over seeds at the last step every run reached, which latent carries
+    each factor in each seed, and D's mean loss over the second half (GAN rows);
+    fig_vae_sweep.png: the MIGs and the reconstruction error of β-VAE runs against β."""
+    runs = load_runs(paths)
+    step = min(rows[-1]["step"] for _, rows, _ in runs)
+    groups = {}
+    for cfg, rows, d in runs:
+        kept = [r for r in rows if r["step"] <= step]
+        groups.setdefault(vae_label(cfg, d), []).append((cfg, kept))
+    factors = [k[len("gap_"):] for k in runs[0][1][-1] if k.startswith("gap_")]
+    header = ["setting", "seeds", *(h for _, h, _ in VAE_COLUMNS), *(f"gap {f}" for f in factors),
+              "loss_d 2nd half", *(f"{f} on" for f in factors)]
+    lines = [f"# {runs[0][0]['dataset']}: {len(runs)} runs at step {step:.0f}", "",
+             f"command: `{command}`", "",
+             "mean ± s.d. over seeds; MIG and gaps on z sampled from q(z|x) unless marked; "
+             "recon MSE and grey pixels on 1,000 fixed images; '<factor> on': the latent with "
+             "the most information about that factor, one per seed", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for label, members in groups.items():
+        last = [rows[-1] for _, rows in members]
+        cells = [label, " ".join(str(cfg["seed"]) for cfg, _ in members)]
+        cells += [mean_sd([r[c] for r in last], fmt) for c, _, fmt in VAE_COLUMNS]
+        cells += [mean_sd([r[f"gap_{f}"] for r in last], "{:.3f}") for f in factors]
+        if "loss_d" in last[0]:
+            halves = [[r["loss_d"] for r in rows if r["step"] > step / 2] for _, rows in members]
+            cells.append(mean_sd([sum(h) / len(h) for h in halves if h], "{:.2f}"))
+        else:
+            cells.append("—")
+        on = [carriers(r, factors) for r in last]
+        cells += ["/".join(c[f] for c in on) for f in factors]
+        lines.append("| " + " | ".join(cells) + " |")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "comparison.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    betas = {}
+    for cfg, rows, d in runs:
+        if os.path.basename(d).startswith("beta_vae__"):
+            betas.setdefault(cfg["beta"], []).append([r for r in rows if r["step"] <= step][-1])
+    if len(betas) > 1:
+        xs = sorted(betas)
+        series = {}
+        for column, name in (("mig_sampled", "MIG (sampled z)"), ("mig", "MIG (means)"),
+                             ("mse", "recon MSE")):
+            values = [[r[column] for r in betas[b]] for b in xs]
+            series[name] = ([sum(v) / len(v) for v in values], [min(v) for v in values],
+                            [max(v) for v in values])
+        common.save_curves(xs, series, os.path.join(out, "fig_vae_sweep.png"), xlabel="β",
+                           ylabel="value", logx=True,
+                           title=f"{runs[0][0]['dataset']}: MIG and reconstruction against β, "
+                                 f"step {step:.0f}")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Compare run folders of unrolled_infogan.py or infogan.py (a sweep "
                                 "folder stands for its runs): comparison.md and fig12_q_loss.png (Fig 3 on ring/grid).")
     p.add_argument("runs", nargs="+", help="run or sweep folders")
     p.add_argument("--out", default="comparison", help="folder for comparison.md and the figures (default: %(default)s)")
     args = p.parse_args(argv)
-    compare(args.runs, args.out, "python evaluation.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = "python evaluation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    scripts = {os.path.basename(d).split("__")[0] for d in run_folders(args.runs)}
+    if scripts and scripts <= set(VAE_SCRIPTS):
+        compare_vae(args.runs, args.out, command)
+    else:
+        compare(args.runs, args.out, command)
 
 
 if __name__ == "__main__":

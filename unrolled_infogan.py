@@ -1,12 +1,14 @@
-"""Unrolled InfoGAN: InfoGAN whose generator trains against a K-step unrolled discriminator, with the exact gradient
-through the unrolled updates (report §II.B-C and §III, eqs. 1-13; Figs 3-12 and the Q-loss table).
+"""Unrolled InfoGAN: InfoGAN whose generator trains against a K-step unrolled discriminator, with
+the exact gradient through the unrolled updates (report §II.B-C and §III, eqs. 1-13; Figs 3-12 and
+the Q-loss table).
 
-Chen et al. 2016 (InfoGAN, as in infogan.py); Metz et al. 2017 (Unrolled GANs). G is differentiated through all K
-updates of D, so eq. (11) keeps its second term (--first-order drops it, as the report's own code does). Several --k
-run a sweep from one seed, then comparison.md and fig12_q_loss.png (evaluation.py).
+Chen et al. 2016 (InfoGAN, as in infogan.py); Metz et al. 2017 (Unrolled GANs). G is
+differentiated through all K updates of D, so eq. (11) keeps its second term (--first-order drops
+it, as the report's own code does). Several --k run a sweep from one seed, then comparison.md and
+fig12_q_loss.png (evaluation.py).
 
-    python unrolled_infogan.py --data-root DATA --width 0.25 --epochs 5 --k 0 5 7 10   # the lab sweep (README)
-    python unrolled_infogan.py --dataset ring --k 0 10                                  # Fig 3
+    python unrolled_infogan.py --data-root DATA --width 0.25 --epochs 5 --k 0 5 7 10  # lab sweep
+    python unrolled_infogan.py --dataset ring --k 0 10                                 # Fig 3
 """
 import argparse
 import itertools
@@ -15,6 +17,7 @@ import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -25,98 +28,165 @@ import common
 import evaluation
 
 SCRIPT = "unrolled_infogan.py"
-LOSSES = ("loss_d", "loss_g", "li_cat", "li_cont")  # what train_step returns, in this order (no codes: li = 0)
-MNIST = dict(epochs=15, epoch_steps=0, batch_size=64,  # the InfoGAN paper's run: about 14,000 steps of 64 (an epoch: 937)
-             width=1.0,  # 1 = the InfoGAN paper's Table 1 networks; 0.25, a quarter of each layer, fits a CPU (README's labs)
-             k=[10],  # the report's largest K; several values run a sweep
-             unroll_lr=2.5e-5,  # an eighth of D's: at D's own, eq. (11)'s 2nd term cancels G's gradient at K = 10 (README)
-             g_loss="ns",  # G's f: the non-saturating -log D(G(z)) of infogan.py and the report's code
-             lr_g=1e-3, lr_d=2e-4, beta1=0.5,  # the InfoGAN paper's Adam settings (G's Adam also trains Q's head)
-             lambda_cat=1.0, lambda_cont=1.0, n_noise=62, n_cat=10, n_cont=2)  # the InfoGAN paper's λ (li_cont: a mean) and latents
-RING = dict(epochs=6, epoch_steps=0, batch_size=512,  # 3,000 steps of 512 (an epoch: 500 fresh batches); all modes appear early
-            width=1.0,  # 1 = the Unrolled GAN paper's toy MLPs, two hidden layers of 128
-            k=[10], unroll_lr=1e-4,  # the Unrolled GAN paper's ring: K up to 10, unrolled with D's own learning rate
-            g_loss="saddle",  # eq. (1) as written, as the Unrolled GAN paper uses it
-            lr_g=1e-3, lr_d=1e-4, beta1=0.5,  # the Unrolled GAN paper's ring learning rates
-            lambda_cat=0.0, lambda_cont=0.0, n_noise=256, n_cat=0, n_cont=0)  # a plain GAN: no codes, no Q
+LOSSES = ("loss_d", "loss_g", "li_cat", "li_cont")  # train_step's, in this order (no codes: li = 0)
+MNIST = dict(
+    epochs=15,  # the InfoGAN paper's run: about 14,000 steps of 64
+    epoch_steps=0,  # an epoch is a pass over the data (937 steps)
+    batch_size=64,
+    width=1.0,  # 1 = the InfoGAN paper's Table 1 networks; 0.25 fits a CPU (README's labs)
+    k=[10],  # the report's largest K; several values run a sweep
+    # an eighth of D's: at D's own, eq. (11)'s 2nd term cancels G's gradient at K = 10 (README)
+    unroll_lr=2.5e-5,
+    g_loss="ns",  # G's f: the non-saturating -log D(G(z)) of infogan.py and the report's code
+    lr_g=1e-3,  # the InfoGAN paper's Adam settings (G's Adam also trains Q's head)
+    lr_d=2e-4,
+    beta1=0.5,
+    lambda_cat=1.0,  # the InfoGAN paper's λ (li_cont: a mean over the codes)
+    lambda_cont=1.0,
+    n_noise=62,  # the InfoGAN paper's latents
+    n_cat=10,
+    n_cont=2)
+RING = dict(
+    epochs=6,  # 3,000 steps of 512; all modes appear early
+    epoch_steps=0,  # an epoch: 500 fresh batches
+    batch_size=512,
+    width=1.0,  # 1 = the Unrolled GAN paper's toy MLPs, two hidden layers of 128
+    k=[10],  # the Unrolled GAN paper's ring uses K up to 10
+    unroll_lr=1e-4,  # and unrolls with D's own learning rate
+    g_loss="saddle",  # eq. (1) as written, as the Unrolled GAN paper uses it
+    lr_g=1e-3,  # the Unrolled GAN paper's ring learning rates
+    lr_d=1e-4,
+    beta1=0.5,
+    lambda_cat=0.0,  # a plain GAN: no codes, no Q
+    lambda_cont=0.0,
+    n_noise=256,
+    n_cat=0,
+    n_cont=0)
 DEFAULTS = {"mnist": MNIST, "ring": RING, "grid": RING}
 
 
 def add_flags(p):
-    p.add_argument("--width", type=float, help="multiplier of every hidden layer's size; 1 = the papers' (default: %(default)s)")
-    p.add_argument("--k", type=int, nargs="+", help="unrolling steps K; several values run a sweep (default: %(default)s)")
-    p.add_argument("--first-order", action="store_true", help="drop the gradient through the unrolled updates (default: exact)")
-    p.add_argument("--unroll-lr", type=float, help="Adam learning rate inside the unroll; on MNIST at D's own 2e-4 (at paper "
-                   "width, also at 5e-5) the exact K = 10 unroll lets D win and G draw noise, see README (default: %(default)s)")
-    p.add_argument("--lr-g", type=float, help="Adam learning rate of G and Q's head (default: %(default)s)")
+    p.add_argument("--width", type=float, help="multiplier of every hidden layer's size; "
+                   "1 = the papers' (default: %(default)s)")
+    p.add_argument("--k", type=int, nargs="+",
+                   help="unrolling steps K; several values run a sweep (default: %(default)s)")
+    p.add_argument("--first-order", action="store_true",
+                   help="drop the gradient through the unrolled updates (default: exact)")
+    p.add_argument("--unroll-lr", type=float, help="Adam learning rate inside the unroll; on MNIST "
+                   "at D's own 2e-4 (at paper width, also at 5e-5) the exact K = 10 unroll lets D "
+                   "win and G draw noise, see README (default: %(default)s)")
+    p.add_argument("--lr-g", type=float,
+                   help="Adam learning rate of G and Q's head (default: %(default)s)")
     p.add_argument("--lr-d", type=float, help="Adam learning rate of D (default: %(default)s)")
 
 
-def check_flags(a):
-    need(1 / 64 <= a.width <= 4, f"--width must be between 1/64 and 4 (got {a.width})")
-    need(all(0 <= k <= 100 for k in a.k) and len(set(a.k)) == len(a.k), f"--k takes distinct values from 0 to 100 (got {a.k})")
-    need(not a.resume or len(a.k) == 1, "--resume continues one run: give a single --k")
-    need(all(0 < v < math.inf for v in (a.lr_g, a.lr_d, a.unroll_lr)), "--lr-g, --lr-d and --unroll-lr must be finite and > 0")
+def check_flags(args):
+    need(1 / 64 <= args.width <= 4, f"--width must be between 1/64 and 4 (got {args.width})")
+    need(all(0 <= k <= 100 for k in args.k) and len(set(args.k)) == len(args.k),
+         f"--k takes distinct values from 0 to 100 (got {args.k})")
+    need(not args.resume or len(args.k) == 1, "--resume continues one run: give a single --k")
+    need(0 < args.lr_g < math.inf, "--lr-g must be finite and > 0")
+    need(0 < args.lr_d < math.inf, "--lr-d must be finite and > 0")
+    need(0 < args.unroll_lr < math.inf, "--unroll-lr must be finite and > 0")
 
 
-# ---- Models: the InfoGAN paper's MNIST networks (its Table 1), every hidden size × --width; LeakyReLU 0.1 -----------
+# ---- Models: the InfoGAN paper's MNIST networks (its Table 1) ----------------------------------
+# Every hidden size × --width (the shapes below are at width 1); D's and Q's LeakyReLU slope 0.1.
 def generator(n_latent, width=1.0):
-    """G(z, c): FC 1024-BN-ReLU → FC 7·7·128-BN-ReLU → deconv 64-BN-ReLU → deconv 1-tanh; (B, n_latent) → (B, 1, 28, 28)."""
+    """G(z, c): FC 1024-BN-ReLU, FC 7·7·128-BN-ReLU, deconv 64-BN-ReLU, deconv 1-tanh."""
     h1, h2, h3 = (max(1, round(n * width)) for n in (1024, 128, 64))
-    return nn.Sequential(nn.Linear(n_latent, h1), nn.BatchNorm1d(h1), nn.ReLU(), nn.Linear(h1, h2 * 49), nn.BatchNorm1d(h2 * 49),
-                         nn.ReLU(), nn.Unflatten(1, (h2, 7, 7)), nn.ConvTranspose2d(h2, h3, 4, 2, 1), nn.BatchNorm2d(h3), nn.ReLU(),
-                         nn.ConvTranspose2d(h3, 1, 4, 2, 1), nn.Tanh())  # pixels in [-1, 1]
+    return nn.Sequential(
+        nn.Linear(n_latent, h1),  # (B, 1024)
+        nn.BatchNorm1d(h1),
+        nn.ReLU(),
+        nn.Linear(h1, h2 * 7 * 7),  # (B, 6272)
+        nn.BatchNorm1d(h2 * 7 * 7),
+        nn.ReLU(),
+        nn.Unflatten(1, (h2, 7, 7)),  # (B, 128, 7, 7)
+        nn.ConvTranspose2d(h2, h3, 4, 2, 1),  # (B, 64, 14, 14)
+        nn.BatchNorm2d(h3),
+        nn.ReLU(),
+        nn.ConvTranspose2d(h3, 1, 4, 2, 1),  # (B, 1, 28, 28)
+        nn.Tanh(),  # pixels in [-1, 1]
+    )
 
 
 class Discriminator(nn.Module):
-    """D: conv 64-lReLU → conv 128-BN-lReLU → FC 1024-BN-lReLU → FC 1 (a logit). Q shares D's whole body and
-    adds its own head, q_head: FC 128-BN-lReLU → n_cat categorical logits + n_cont Gaussian means."""
+    """D: conv 64-lReLU, conv 128-BN-lReLU, FC 1024-BN-lReLU, FC 1 (a logit). Q shares D's whole
+    body and adds its own head, q_head: FC 128-BN-lReLU, then n_cat categorical logits and n_cont
+    Gaussian means."""
 
     def __init__(self, n_cat, n_cont, width=1.0):
         super().__init__()
         h1, h2, h3, h4 = (max(1, round(n * width)) for n in (64, 128, 1024, 128))
-        self.body = nn.Sequential(nn.Conv2d(1, h1, 4, 2, 1), nn.LeakyReLU(0.1),
-                                  nn.Conv2d(h1, h2, 4, 2, 1), nn.BatchNorm2d(h2), nn.LeakyReLU(0.1), nn.Flatten(),
-                                  nn.Linear(h2 * 7 * 7, h3), nn.BatchNorm1d(h3), nn.LeakyReLU(0.1))
-        self.d_head = nn.Linear(h3, 1)
-        self.q_head = nn.Sequential(nn.Linear(h3, h4), nn.BatchNorm1d(h4), nn.LeakyReLU(0.1), nn.Linear(h4, n_cat + n_cont))
+        self.body = nn.Sequential(
+            nn.Conv2d(1, h1, 4, 2, 1),  # (B, 64, 14, 14)
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(h1, h2, 4, 2, 1),  # (B, 128, 7, 7)
+            nn.BatchNorm2d(h2),
+            nn.LeakyReLU(0.1),
+            nn.Flatten(),  # (B, 6272)
+            nn.Linear(h2 * 7 * 7, h3),  # (B, 1024)
+            nn.BatchNorm1d(h3),
+            nn.LeakyReLU(0.1),
+        )
+        self.d_head = nn.Linear(h3, 1)  # (B, 1)
+        self.q_head = nn.Sequential(
+            nn.Linear(h3, h4),  # (B, 128)
+            nn.BatchNorm1d(h4),
+            nn.LeakyReLU(0.1),
+            nn.Linear(h4, n_cat + n_cont),  # (B, n_cat + n_cont)
+        )
 
-    def forward(self, x):  # (B, 1, 28, 28) -> D logit (B,), Q outputs (B, n_cat + n_cont)
+    def forward(self, x):
+        """(B, 1, 28, 28) -> D's logit (B,), Q's outputs (B, n_cat + n_cont)."""
         h = self.body(x)
         return self.d_head(h).squeeze(1), self.q_head(h)
 
 
-# Ring/grid: the Unrolled GAN paper's toy MLPs, two hidden layers of 128 (× --width), no codes, no Q. ReLU: with
-# it a plain GAN (K = 0) collapses on most seeds, so K = 0 vs K = 10 shows what unrolling does.
+# Ring/grid: the Unrolled GAN paper's toy MLPs, two hidden layers of 128 (× --width), no codes, no
+# Q. ReLU: with it a plain GAN (K = 0) collapses on most seeds, so K = 0 vs K = 10 shows what
+# unrolling does.
 def mlp(n_in, n_out, width=1.0):
+    """(B, n_in) -> (B, n_out) through two hidden layers of 128."""
     h = max(1, round(128 * width))
-    return nn.Sequential(nn.Linear(n_in, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, n_out))
+    return nn.Sequential(
+        nn.Linear(n_in, h),  # (B, 128)
+        nn.ReLU(),
+        nn.Linear(h, h),  # (B, 128)
+        nn.ReLU(),
+        nn.Linear(h, n_out),  # (B, n_out)
+    )
 
 
 class ToyDiscriminator(nn.Sequential):
-    """The ring/grid D, made from mlp(2, 1): (B, 2) -> its logit (B,) and no Q outputs (D's interface is (logit, q))."""
+    """The ring/grid D, made from mlp(2, 1): (B, 2) -> its logit (B,) and no Q outputs (D's
+    interface is (logit, q))."""
 
     def forward(self, x):
         return super().forward(x).squeeze(1), None
 
 
-# ---- Latents and losses ---------------------------------------------------------------------------------------------
+# ---- Latents and losses ------------------------------------------------------------------------
 def make_latent(z, c_cat, c_cont, n_cat):
     """Generator input [z, one-hot(c_cat), c_cont]: (B, n_noise + n_cat + n_cont)."""
     return torch.cat([z, F.one_hot(c_cat, n_cat).to(z.dtype), c_cont], dim=1)
 
 
+
 def sample_latents(n, n_noise, n_cat, n_cont, device, generator=None):
-    """z ~ N(0, I), c_cat ~ Uniform{0..n_cat-1}, c_cont ~ U(-1, 1); returns (latent, c_cat, c_cont)."""
+    """z ~ N(0, I), c_cat ~ U{0..n_cat-1}, c_cont ~ U(-1, 1); returns (latent, c_cat, c_cont)."""
     z = torch.randn(n, n_noise, device=device, generator=generator)
     c_cat = torch.randint(n_cat, (n,), device=device, generator=generator)
     c_cont = torch.rand(n, n_cont, device=device, generator=generator) * 2 - 1
     return make_latent(z, c_cat, c_cont, n_cat), c_cat, c_cont
 
 
+
 def traversal_latents(z, c_cont, code, values, n_cat):
-    """Figs 4-11 layout, row-major: row r has c_cat = r, column j sets continuous code `code` to values[j];
-    the noise z (n_noise,) and the other codes c_cont (n_cont,) are the same in every cell."""
+    """Figs 4-11 layout, row-major: row r has c_cat = r, column j sets continuous code `code` to
+    values[j]; the noise z (n_noise,) and the other codes c_cont (n_cont,) are the same in every
+    cell."""
     rows, cols = n_cat, len(values)
     c_cat = torch.arange(rows, device=z.device).repeat_interleave(cols)  # (R*C,)
     cc = c_cont.expand(rows * cols, -1).clone()
@@ -124,52 +194,99 @@ def traversal_latents(z, c_cont, code, values, n_cat):
     return make_latent(z.expand(rows * cols, -1), c_cat, cc, n_cat), c_cat, cc
 
 
+
+def fixed_latents(args, device):
+    """The figures' latents, the same at every epoch: one z with the continuous codes at 0 for the
+    traversals, and 10 latents per categorical value for samples.png."""
+    g = torch.Generator().manual_seed(args.seed)
+    n = 10 * args.n_cat
+    z = torch.randn(args.n_noise, generator=g)
+    samples_z = torch.randn(n, args.n_noise, generator=g)
+    samples_cat = torch.arange(args.n_cat).repeat_interleave(10)
+    samples_cont = torch.rand(n, args.n_cont, generator=g) * 2 - 1
+    fixed = {"z": z,
+             "c_cont": torch.zeros(args.n_cont),
+             "values": torch.linspace(-2, 2, 10),  # the traversals' columns
+             "samples": make_latent(samples_z, samples_cat, samples_cont, args.n_cat)}
+    return {name: t.to(device) for name, t in fixed.items()}
+
+
+
 def d_loss(real_logit, fake_logit):
-    # eq. (1), D's side: D ascends V(D, G), i.e. descends loss_d = -V = -E_x log D(x) - E_z log(1 - D(G(z))),
-    # each E a mean over the batch
+    # eq. (1), D's side: D ascends V(D, G), i.e. descends
+    # loss_d = -V = -E_x log D(x) - E_z log(1 - D(G(z))), each E a mean over the batch
     return (F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
             + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit)))
 
 
+
 def information_losses(q, c_cat, c_cont, n_cat):
-    """The L_I terms we minimise, each -E[log Q(c|x)] up to a constant (= -L_I(G, Q) + H(c)): li_cat = cross-entropy of
-    Q's softmax on the true code, a batch mean; li_cont = 0.5·(μ_Q(x) - c)², a mean over batch and codes: the Gaussian
-    NLL with a FIXED σ = 1, less 0.5·log 2π (the InfoGAN paper may learn σ)."""
+    """The L_I terms we minimise, each -E[log Q(c|x)] up to a constant (= -L_I(G, Q) + H(c)).
+    li_cat: the cross-entropy of Q's softmax on the true code, a batch mean. li_cont:
+    0.5·(μ_Q(x) - c)², a mean over batch and codes: the Gaussian NLL with a FIXED σ = 1, less
+    0.5·log 2π (the InfoGAN paper may learn σ)."""
     li_cat = F.cross_entropy(q[:, :n_cat], c_cat)
     li_cont = 0.5 * (q[:, n_cat:] - c_cont).pow(2).mean()
     return li_cat, li_cont
 
 
-# ---- The unrolled look-ahead (eqs. 8-11): pure tensor functions, no host sync. D's optimised parameters are ONE flat
-# vector θ (P,), so the differentiable Adam is a few vector operations; views of θ feed functional_call. -------------
-TINY = 1e-30  # sqrt(v + TINY): d sqrt(v)/dv is infinite at v = 0 (a zero gradient), 0·inf = NaN in the backward
+# ---- The unrolled look-ahead (eqs. 8-11) -------------------------------------------------------
+# Pure tensor functions, no host sync. D's optimised parameters are ONE flat vector θ (P,), so the
+# differentiable Adam is a few vector operations; views of θ feed functional_call.
+TINY = 1e-30  # sqrt(v + TINY): d sqrt(v)/dv is infinite at v = 0 (a zero gradient), 0·inf = NaN
+
+
+class DSnapshot(NamedTuple):
+    """D's state at the start of the look-ahead, as fresh tensors aliasing nothing of D or opt_d."""
+    names: list  # the parameters opt_d owns, in θ's order
+    shapes: list  # their shapes
+    theta: torch.Tensor  # (P,) their values, one flat vector
+    m: torch.Tensor  # (P,) Adam's first moments
+    v: torch.Tensor  # (P,) Adam's second moments
+    step: int  # Adam's steps so far
+    fixed: dict  # D's parameters opt_d does not own (here Q's head), detached
+    buffers: dict  # copies of D's buffers (BatchNorm's running statistics)
+    betas: tuple  # opt_d's Adam settings
+    eps: float
+
+
+def flat_adam_state(opt, p, key):
+    """opt's Adam state `key` ("exp_avg" or "exp_avg_sq") of parameter p, flat; zeros before its
+    first step."""
+    state = opt.state.get(p, {})
+    return state[key].reshape(-1) if key in state else torch.zeros_like(p).reshape(-1)
 
 
 def snapshot_d(D, opt_d):
-    """D's state as fresh tensors aliasing nothing of D or opt_d: the parameters opt_d owns as one flat θ (P,), its Adam
-    moments m, v (P,) and step, D's other parameters (detached), copies of its buffers (BatchNorm's running stats)."""
+    """D's state, a DSnapshot: θ, Adam's m, v and step, D's other parameters, its buffers."""
     owned = {id(p) for group in opt_d.param_groups for p in group["params"]}
-    named = [(n, p) for n, p in D.named_parameters() if id(p) in owned]
-    states = [opt_d.state.get(p, {}) for _, p in named]
-    moment = lambda key: torch.cat([s[key].reshape(-1) if key in s else torch.zeros_like(p).reshape(-1)  # noqa: E731
-                                    for s, (_, p) in zip(states, named)])
-    return {"names": [n for n, _ in named], "shapes": [p.shape for _, p in named],
-            "theta": torch.cat([p.detach().reshape(-1) for _, p in named]), "m": moment("exp_avg"),
-            "v": moment("exp_avg_sq"),  # Adam keeps its step on the CPU (not capturable): int() costs no device sync
-            "step": int(states[0]["step"]) if "step" in states[0] else 0,
-            "fixed": {n: p.detach() for n, p in D.named_parameters() if id(p) not in owned},
-            "buffers": {n: b.clone() for n, b in D.named_buffers()}, **{k: opt_d.param_groups[0][k] for k in ("betas", "eps")}}
+    names = [name for name, p in D.named_parameters() if id(p) in owned]
+    params = [p for p in D.parameters() if id(p) in owned]
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    m = torch.cat([flat_adam_state(opt_d, p, "exp_avg") for p in params])
+    v = torch.cat([flat_adam_state(opt_d, p, "exp_avg_sq") for p in params])
+    first_state = opt_d.state.get(params[0], {})
+    # Adam keeps its step on the CPU (not capturable): int() costs no device sync
+    step = int(first_state["step"]) if "step" in first_state else 0
+    fixed = {name: p.detach() for name, p in D.named_parameters() if id(p) not in owned}
+    buffers = {name: b.clone() for name, b in D.named_buffers()}
+    group = opt_d.param_groups[0]
+    return DSnapshot(names, [p.shape for p in params], theta, m, v, step, fixed, buffers,
+                     group["betas"], group["eps"])
 
 
 def d_forward(D, snap, theta, x):
-    """D(x) with the parameters opt_d owns taken from the flat θ (kept in the autograd graph)."""
-    sizes = [math.prod(s) for s in snap["shapes"]]
-    params = {n: t.view(s) for n, t, s in zip(snap["names"], theta.split(sizes), snap["shapes"])}
-    return functional_call(D, {**params, **snap["fixed"], **snap["buffers"]}, (x,))
+    """D(x) with the parameters opt_d owns taken from the flat θ (kept in the autograd graph);
+    D's outputs, its logit first."""
+    sizes = [math.prod(shape) for shape in snap.shapes]
+    views = zip(snap.names, theta.split(sizes), snap.shapes)
+    params = {name: t.view(shape) for name, t, shape in views}
+    return functional_call(D, {**params, **snap.fixed, **snap.buffers}, (x,))
 
 
 def adam_step(theta, m, v, grad, t, lr, betas, eps):
-    """One differentiable Adam update (torch.optim.Adam's arithmetic); t, the 1-based step, an int: float corrections."""
+    """One differentiable Adam update (torch.optim.Adam's arithmetic); t, the 1-based step, is an
+    int, so the bias corrections are floats."""
     b1, b2 = betas
     m = b1 * m + (1 - b1) * grad
     v = b2 * v + (1 - b2) * grad * grad
@@ -178,171 +295,233 @@ def adam_step(theta, m, v, grad, t, lr, betas, eps):
 
 
 def unroll(D, snap, x_real, x_fake, k, lr, first_order=False):
-    """eq. (8): θ_D^{k+1} = θ_D^k + η df/dθ_D^k, here K Adam steps descending loss_d = -f; returns θ_D^K. Exact:
-    θ_D^K stays a differentiable function of θ_G (through x_fake, in every step: create_graph=True), so backprop
-    through f_K gives both terms of eq. (11); first_order detaches θ_D^k and x_fake, dropping the second term."""
-    theta, m, v = snap["theta"].requires_grad_(), snap["m"], snap["v"]
+    """eq. (8): θ_D^{k+1} = θ_D^k + η df/dθ_D^k, here K Adam steps descending loss_d = -f; returns
+    θ_D^K. Exact: θ_D^K stays a differentiable function of θ_G (through x_fake, in every step:
+    create_graph=True), so backprop through f_K gives both terms of eq. (11); first_order detaches
+    θ_D^k and x_fake, dropping the second term."""
+    theta, m, v = snap.theta.requires_grad_(), snap.m, snap.v
     fake = x_fake.detach() if first_order else x_fake
     for i in range(k):
         if first_order:
             theta = theta.detach().requires_grad_()
-        loss = d_loss(d_forward(D, snap, theta, x_real)[0], d_forward(D, snap, theta, fake)[0])
+        real_logit, *_ = d_forward(D, snap, theta, x_real)
+        fake_logit, *_ = d_forward(D, snap, theta, fake)
+        loss = d_loss(real_logit, fake_logit)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=not first_order)
-        theta, m, v = adam_step(theta, m, v, grad, snap["step"] + i + 1, lr, snap["betas"], snap["eps"])
+        theta, m, v = adam_step(theta, m, v, grad, snap.step + i + 1, lr, snap.betas, snap.eps)
     return theta.detach() if first_order else theta
 
 
 def unrolled_g_loss(D, opt_d, x_real, x_fake, k, lr, kind="ns", first_order=False):
-    """eq. (10): f_K(θ_G, θ_D) = f(θ_G, θ_D^K(θ_G, θ_D)), G's loss against D after K updates (K = 0: the plain GAN's)."""
+    """eq. (10): f_K(θ_G, θ_D) = f(θ_G, θ_D^K(θ_G, θ_D)), G's loss against D after K updates (K = 0:
+    the plain GAN's)."""
     snap = snapshot_d(D, opt_d)
     theta = unroll(D, snap, x_real, x_fake, k, lr, first_order)
-    fake_logit = d_forward(D, snap, theta, x_fake)[0]
-    if kind == "saddle":  # f = V(D, G) = -loss_d, which G descends (once D is unrolled, its real term depends on θ_G too)
-        return -d_loss(d_forward(D, snap, theta, x_real)[0], fake_logit)
-    return F.binary_cross_entropy_with_logits(fake_logit, torch.ones_like(fake_logit))  # ns: -E log D(G(z)), a batch mean
+    fake_logit, *_ = d_forward(D, snap, theta, x_fake)
+    if kind == "saddle":
+        # f = V(D, G) = -loss_d, which G descends (once D is unrolled, its real term depends on θ_G)
+        real_logit, *_ = d_forward(D, snap, theta, x_real)
+        return -d_loss(real_logit, fake_logit)
+    # ns: -E log D(G(z)), a batch mean
+    return F.binary_cross_entropy_with_logits(fake_logit, torch.ones_like(fake_logit))
 
 
-# ---- ALGO LOGIC: one training step -----------------------------------------------------------------------------------
+def forward_with_copied_buffers(D, x):
+    """D(x) with D's own parameters (gradients reach them) but copies of its buffers: a train-mode
+    BatchNorm updates its running statistics in the copies, D's stay as they were."""
+    buffers = {name: b.clone() for name, b in D.named_buffers()}
+    return functional_call(D, buffers, (x,))
+
+
+# ---- ALGO LOGIC: one training step --------------------------------------------------------------
 def train_step(nets, opts, x, args):
-    """One step on a real batch x (images in [-1, 1], or ring/grid points); returns detached (loss_d, f_K, li_cat, li_cont)."""
+    """One step on a real batch x (images in [-1, 1], or ring/grid points); returns the detached
+    (loss_d, f_K, li_cat, li_cont)."""
     G, D = nets["G"], nets["D"]
+    B = x.shape[0]
     if args.n_cat:
-        latent, c_cat, c_cont = sample_latents(x.shape[0], args.n_noise, args.n_cat, args.n_cont, x.device)
+        latent, c_cat, c_cont = sample_latents(B, args.n_noise, args.n_cat, args.n_cont, x.device)
     else:  # ring/grid: a plain unrolled GAN, no codes
-        latent = torch.randn(x.shape[0], args.n_noise, device=x.device)
+        latent = torch.randn(B, args.n_noise, device=x.device)
     fake = G(latent)
 
     # ---- (1) discriminator step: maximise eq. (1), log D(x) + log(1 - D(G(z, c))) ----
-    loss_d = d_loss(D(x)[0], D(fake.detach())[0])
+    real_logit, _ = D(x)
+    fake_logit, _ = D(fake.detach())
+    loss_d = d_loss(real_logit, fake_logit)
     opts["d"].zero_grad(set_to_none=True)
     loss_d.backward()
     opts["d"].step()
 
-    # ---- (2) unrolled look-ahead, eqs. (8)-(10): f_K, G's loss against a copy of D (as this step left it) after
-    # K more differentiable Adam updates on this step's real and fake batches ----
-    loss_g = unrolled_g_loss(D, opts["d"], x, fake, args.k, args.unroll_lr, args.g_loss, args.first_order)
+    # ---- (2) unrolled look-ahead, eqs. (8)-(10): f_K, G's loss against a copy of D (as this step
+    # left it) after K more differentiable Adam updates on this step's real and fake batches ----
+    loss_g = unrolled_g_loss(D, opts["d"], x, fake, args.k, args.unroll_lr, args.g_loss,
+                             args.first_order)
 
-    # ---- (3) information term, eqs. (12)-(13): g_K = f_K - λ L_I, with L_I on the live, NOT unrolled, D/Q
-    # (report §III.A), run on copies of D's BatchNorm buffers so D's state stays as the D step left it ----
+    # ---- (3) information term, eqs. (12)-(13): g_K = f_K - λ L_I, with L_I on the live, NOT
+    # unrolled, D/Q (report §III.A), on copies of D's BatchNorm buffers so that D's state stays as
+    # the D step left it ----
     li_cat = li_cont = torch.zeros((), device=x.device)
     if args.n_cat:
-        q = functional_call(D, {**dict(D.named_parameters()), **{n: b.clone() for n, b in D.named_buffers()}}, (fake,))[1]
+        _, q = forward_with_copied_buffers(D, fake)
         li_cat, li_cont = information_losses(q, c_cat, c_cont, args.n_cat)
 
-    # ---- (4) generator step: one Adam update of G and Q's head on g_K; backprop through the unroll gives
-    # eq. (11), both terms (the second one unless --first-order). Q's body is D's, trained by the D step only ----
+    # ---- (4) generator step: one Adam update of G and Q's head on g_K; backprop through the
+    # unroll gives eq. (11), both terms (the second one unless --first-order). Q's body is D's,
+    # trained by the D step only ----
+    loss_gq = loss_g + args.lambda_cat * li_cat + args.lambda_cont * li_cont
     opts["g"].zero_grad(set_to_none=True)
-    (loss_g + args.lambda_cat * li_cat + args.lambda_cont * li_cont).backward(inputs=opts["g"].param_groups[0]["params"])
+    loss_gq.backward(inputs=opts["g"].param_groups[0]["params"])  # no gradient for D
     opts["g"].step()
     return torch.stack([loss_d, loss_g, li_cat, li_cont]).detach()
 
 
-# ---- Networks, data, evaluation, figures, the sweep ------------------------------------------------------------------
+# ---- Networks, data, evaluation, figures, the sweep ---------------------------------------------
 def build(args, shape):
-    """G, D (with Q's head on MNIST) and two Adams: D's owns D's body and head, G's owns G and Q's head."""
-    device, n_latent = torch.device(args.device), args.n_noise + args.n_cat + args.n_cont
+    """G, D (with Q's head on MNIST) and two Adams: D's owns D's body and head, G's owns G and Q's
+    head."""
+    device = torch.device(args.device)
+    n_latent = args.n_noise + args.n_cat + args.n_cont
     if args.dataset == "mnist":
-        G, D = generator(n_latent, args.width).to(device), Discriminator(args.n_cat, args.n_cont, args.width).to(device)
-        d_params, g_params = [*D.body.parameters(), *D.d_head.parameters()], [*G.parameters(), *D.q_head.parameters()]
+        G = generator(n_latent, args.width).to(device)
+        D = Discriminator(args.n_cat, args.n_cont, args.width).to(device)
+        d_params = [*D.body.parameters(), *D.d_head.parameters()]
+        g_params = [*G.parameters(), *D.q_head.parameters()]
     else:
-        G, D = mlp(n_latent, 2, args.width).to(device), ToyDiscriminator(*mlp(2, 1, args.width)).to(device)
-        d_params, g_params = list(D.parameters()), list(G.parameters())
-    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(args.beta1, 0.999))  # noqa: E731
-    return {"G": G, "D": D}, {"d": adam(d_params, args.lr_d), "g": adam(g_params, args.lr_g)}
+        G = mlp(n_latent, 2, args.width).to(device)
+        D = ToyDiscriminator(*mlp(2, 1, args.width)).to(device)
+        d_params = list(D.parameters())
+        g_params = list(G.parameters())
+    betas = (args.beta1, 0.999)
+    opts = {"d": torch.optim.Adam(d_params, lr=args.lr_d, betas=betas),
+            "g": torch.optim.Adam(g_params, lr=args.lr_g, betas=betas)}
+    return {"G": G, "D": D}, opts
 
 
 def setup(args):
-    """MNIST in [-1, 1] (G ends in tanh), test digits, fixed latents, digit measures; or ring/grid with fixed noise."""
-    device, g = torch.device(args.device), torch.Generator().manual_seed(args.seed)
+    """MNIST in [-1, 1] (G ends in tanh), the test digits, the figures' fixed latents, the digit
+    measures; or ring/grid points and the fixed noise of Fig 3's samples."""
+    device = torch.device(args.device)
     train = common.load_data(args.dataset, args.data_root, device, signed=True)
     if args.dataset != "mnist":
-        return train, {"z": torch.randn(2500, args.n_noise, generator=g).to(device), "modes": train.modes, "std": train.std}
-    n = 10 * args.n_cat  # samples.png: 10 per categorical value
-    fixed = {"z": torch.randn(args.n_noise, generator=g), "c_cont": torch.zeros(args.n_cont), "values": torch.linspace(-2, 2, 10),
-             "samples": make_latent(torch.randn(n, args.n_noise, generator=g), torch.arange(args.n_cat).repeat_interleave(10),
-                                    torch.rand(n, args.n_cont, generator=g) * 2 - 1, args.n_cat)}
-    return train, {"test": common.load_data(args.dataset, args.data_root, device, train=False, signed=True),
-                   "fixed": {k: v.to(device) for k, v in fixed.items()},
-                   "measure": evaluation.Evaluator(args.data_root, device, args.n_noise, args.n_cat, args.n_cont)}
+        g = torch.Generator().manual_seed(args.seed)
+        z = torch.randn(2500, args.n_noise, generator=g).to(device)
+        return train, {"z": z, "modes": train.modes, "std": train.std}
+    test = common.load_data(args.dataset, args.data_root, device, train=False, signed=True)
+    measure = evaluation.Evaluator(args.data_root, device, args.n_noise, args.n_cat, args.n_cont)
+    return train, {"test": test, "fixed": fixed_latents(args, device), "measure": measure}
 
 
 @torch.no_grad()
 def evaluate(nets, ctx, args):
-    """MNIST: Q's test accuracy, classes covered, what each code moves (evaluation.py); ring/grid: mode metrics."""
+    """MNIST: Q's test accuracy, classes covered, what each code moves (evaluation.py); ring/grid:
+    the mode metrics."""
     if args.dataset != "mnist":
         return evaluation.mode_metrics(nets["G"](ctx["z"]), ctx["modes"], ctx["std"])
-    return {"test_acc": evaluation.test_accuracy(nets["D"], ctx["test"], args.n_cat), **ctx["measure"](nets["G"])}
+    test_acc = evaluation.test_accuracy(nets["D"], ctx["test"], args.n_cat)
+    return {"test_acc": test_acc, **ctx["measure"](nets["G"])}
 
 
-def save_figures(nets, ctx, run, args):
-    """MNIST: Figs 4-11 (the traversals of this K), samples.png, fig12_q_loss.png, losses.png. Ring/grid: Fig 3's row."""
-    metrics, title = os.path.join(run.dir, "metrics.csv"), f"K = {args.k}{' first-order' * args.first_order}: "
-    common.plot_metrics(metrics, ["loss_d", "loss_g"], os.path.join(run.dir, "losses.png"), title=title + "losses")
+def save_figures(nets, ctx, args, folder, row):
+    """MNIST: Figs 4-11 (the traversals of this K), samples.png, fig12_q_loss.png, losses.png.
+    Ring/grid: Fig 3's row, losses.png."""
+    metrics = os.path.join(folder, "metrics.csv")
+    title = f"K = {args.k}" + (" first-order" if args.first_order else "")
+    common.plot_metrics(metrics, ["loss_d", "loss_g"], os.path.join(folder, "losses.png"),
+                        title=f"{title}: losses")
     if args.dataset == "mnist":
-        save_digit_figures(nets["G"], ctx["fixed"], run, args, title)
-        return common.plot_metrics(metrics, ["li_cont"], os.path.join(run.dir, "fig12_q_loss.png"), title=title + "L_I continuous")
-    with torch.no_grad():  # G's samples at each epoch's end are kept in ring_samples.pt, for Fig 3 here and in the sweep
-        common.save_scatter_history(run.dir, f"step {run.step}", nets["G"](ctx["z"]), title[:-2], ctx["modes"])
+        save_digit_figures(nets["G"], ctx["fixed"], args, folder, row["step"], f"{title}: ")
+        common.plot_metrics(metrics, ["li_cont"], os.path.join(folder, "fig12_q_loss.png"),
+                            title=f"{title}: L_I continuous")
+        return
+    # G's samples at each epoch's end are kept in ring_samples.pt, for Fig 3 here and in the sweep
+    with torch.no_grad():
+        samples = nets["G"](ctx["z"])
+    common.save_scatter_history(folder, f"step {row['step']}", samples, title, ctx["modes"])
 
 
 @torch.no_grad()
-def save_digit_figures(G, fixed, run, args, title=""):
-    """fig04/fig05: one traversal per continuous code (rows: categorical code), and samples.png; fixed latents."""
-    G.eval()  # BatchNorm's running statistics: a traversal batch shares one z, batch statistics would distort it
+def save_digit_figures(G, fixed, args, folder, step, title=""):
+    """fig04/fig05: one traversal per continuous code (rows: categorical code), and samples.png."""
+    G.eval()  # BatchNorm's running statistics: a traversal shares one z, skewing batch statistics
+    row_labels = [f"c_cat={r}" for r in range(args.n_cat)]
     for code in range(args.n_cont):
-        latent, _, _ = traversal_latents(fixed["z"], fixed["c_cont"], code, fixed["values"], args.n_cat)
-        name = {0: "fig04_traversal_c1", 1: "fig05_traversal_c2"}.get(code, f"traversal_c{code + 1}")
-        common.save_traversal((G(latent) + 1).view(args.n_cat, -1, 1, 28, 28) / 2, os.path.join(run.dir, name + ".png"),
-                              fixed["values"], row_labels=[f"c_cat={r}" for r in range(args.n_cat)], xlabel=f"c{code + 1}",
-                              title=f"{title}continuous code c{code + 1} (rows: categorical code; z, other codes fixed)")
-    common.save_grid((G(fixed["samples"]) + 1) / 2, os.path.join(run.dir, "samples.png"), nrow=10,
-                     row_labels=[f"c_cat={r}" for r in range(args.n_cat)], title=f"{title}samples, step {run.step}")
+        latent, _, _ = traversal_latents(fixed["z"], fixed["c_cont"], code, fixed["values"],
+                                         args.n_cat)
+        images = (G(latent) + 1).view(args.n_cat, -1, 1, 28, 28) / 2  # (rows, columns, 1, 28, 28)
+        name = f"traversal_c{code + 1}"
+        if code < 2:  # the report's Figs 4 and 5
+            name = f"fig0{code + 4}_{name}"
+        common.save_traversal(images, os.path.join(folder, name + ".png"), fixed["values"],
+                              row_labels=row_labels, xlabel=f"c{code + 1}",
+                              title=f"{title}continuous code c{code + 1} "
+                                    "(rows: categorical code; z, other codes fixed)")
+    common.save_grid((G(fixed["samples"]) + 1) / 2, os.path.join(folder, "samples.png"), nrow=10,
+                     row_labels=row_labels, title=f"{title}samples, step {step}")
     G.train()
 
 
 def main(argv=None):
+    """One run per --k, one after the other; several make a sweep folder holding the runs,
+    comparison.md and fig12_q_loss.png."""
     args = parse_args(argv)
-    name = f"{SCRIPT[:-3]}__{args.dataset}__sweep-k{'-'.join(map(str, args.k))}{'-first-order' * args.first_order}"
-    out = os.path.join(args.out, f"{name}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}") if len(args.k) > 1 else args.out
-    runs = [train(argparse.Namespace(**{**vars(args), "k": k, "out": out})) for k in args.k]  # one after the other
+    out = args.out
+    if len(args.k) > 1:
+        ks = "-".join(map(str, args.k)) + ("-first-order" if args.first_order else "")
+        sweep = f"{SCRIPT[:-3]}__{args.dataset}__sweep-k{ks}__s{args.seed}"
+        out = os.path.join(args.out, f"{sweep}__{time.strftime('%Y%m%d-%H%M%S')}")
+    runs = []
+    for k in args.k:
+        runs.append(train(argparse.Namespace(**{**vars(args), "k": k, "out": out})))
     if len(runs) > 1:
-        evaluation.compare(runs, out, "python " + " ".join([SCRIPT, *(sys.argv[1:] if argv is None else argv)]))
+        command = " ".join([SCRIPT, *(sys.argv[1:] if argv is None else argv)])
+        evaluation.compare(runs, out, "python " + command)
 
 
 # ================================================================================================
-# PLUMBING — the same text in every script (a test checks it); a reader beside the report may skip it. The shared
-# flags; a run's folder, checkpoint, resume, data order, progress line and NaN check; the loop that calls the hooks.
-RUN_FLAGS = ("device", "data_root", "epochs", "steps", "out", "resume", "log_every")  # may change on --resume
+# PLUMBING: the same text in every script (a test checks it); a reader beside the report may skip
+# it. The shared flags, run folder, checkpoint, progress line; train(), the loop calling the hooks.
+RUN_FLAGS = ("device", "data_root", "epochs", "steps", "out", "resume", "log_every")
 
 
 def parse_args(argv=None):
-    """The shared flags, then the script's own (add_flags), with the defaults of DEFAULTS[--dataset]."""
+    """The shared flags, then the script's own (add_flags); defaults: DEFAULTS[--dataset]."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--dataset", choices=tuple(DEFAULTS), default=tuple(DEFAULTS)[0])
+    pre.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0])
+    pre.error = common.die  # argparse's own errors: one line, exit status 1 too
     dataset = pre.parse_known_args(argv)[0].dataset
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=f"(defaults of --dataset {dataset})")
-    p.add_argument("--dataset", choices=tuple(DEFAULTS), help="training data (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw or img_align_celeba (default: %(default)s)")
-    p.add_argument("--out", default="runs", help="parent folder of the run folder (default: %(default)s)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=f"(defaults of --dataset {dataset})")
+    p.error = common.die
+    p.add_argument("--dataset", choices=list(DEFAULTS), help="training data (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--data-root", default="./data",
+                   help="folder holding MNIST/raw or img_align_celeba (default: %(default)s)")
+    p.add_argument("--out", default="runs", help="where the run folder goes (default: %(default)s)")
     p.add_argument("--resume", help="checkpoint.pt or run folder to continue (default: none)")
-    numbers = (("seed", 1, 0, 2 ** 31, "seed of the weights, data order and noise"), ("epochs", None, 1, 10 ** 6, "training epochs"),
-               ("epoch-steps", None, 0, 10 ** 9, "steps per epoch, 0 = a pass over the data; metrics, figures, checkpoint "
-                "at each epoch's end"), ("steps", None, 1, 10 ** 9, "stop after this many steps in all; none = no cap"),
-               ("batch-size", None, 2, 4096, "samples per step"), ("log-every", 100, 1, 10 ** 9, "steps between progress lines"))
-    for flag, default, _, _, text in numbers:
-        p.add_argument("--" + flag, type=int, default=default, help=text + " (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the weights, data order and noise (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: %(default)s)")
+    p.add_argument("--epoch-steps", type=int, help="steps per epoch, 0 = a pass over the data; "
+                   "metrics, figures, checkpoint at each epoch's end (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="stop after this many steps in all (default: no cap)")
+    p.add_argument("--batch-size", type=int, help="samples per step (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=100,
+                   help="steps between progress lines (default: %(default)s)")
     add_flags(p)
-    pre.error = p.error = lambda message: common.die(message)  # argparse's own errors: one line, exit status 1 too
     p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
     args = p.parse_args(argv)
-    for flag, _, low, high, _ in numbers:
-        value = getattr(args, flag.replace("-", "_"))
-        need(value is None or low <= value <= high, f"--{flag} must be between {low} and {high} (got {value})")
-    need(args.device in ("cpu", "cuda") or args.device[5:].isdigit() and args.device.startswith("cuda:"),
-         f"--device {args.device} is not a device here; use cpu or cuda")
-    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(), f"--device {args.device}: no such CUDA "
-         "GPU here; use --device cpu")
+    need(0 <= args.seed <= 2 ** 31, "--seed must be between 0 and 2**31")
+    need(1 <= args.epochs <= 10 ** 6, "--epochs must be between 1 and 10**6")
+    need(args.epoch_steps >= 0, "--epoch-steps must be 0 or more")
+    need(args.steps is None or args.steps >= 1, "--steps must be 1 or more")
+    need(2 <= args.batch_size <= 4096, "--batch-size must be between 2 and 4096")
+    need(1 <= args.log_every <= 10 ** 9, "--log-every must be between 1 and 10**9")
+    cuda = args.device.startswith("cuda:") and args.device[5:].isdigit() or args.device == "cuda"
+    need(args.device == "cpu" or cuda, f"--device {args.device} is not a device; use cpu or cuda")
+    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(),
+         f"--device {args.device}: no such CUDA GPU here; use --device cpu")
     need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
     check_flags(args)
     return args
@@ -353,119 +532,138 @@ def need(ok, message):  # stop with a one-line error (no traceback) unless ok
         common.die(message)
 
 
-def load_checkpoint(args):
-    """A checkpoint of this script with the same experiment flags, loaded without running any code in it."""
+def make_run_folder(args):
+    """runs/<script>__<dataset>[__k<K>[-first-order]]__s<seed>__<time>/ and its config.json."""
+    name = f"{SCRIPT[:-3]}__{args.dataset}"
+    if "k" in vars(args):  # the unrolled scripts
+        name += f"__k{args.k}" + ("-first-order" if getattr(args, "first_order", False) else "")
+    folder = os.path.join(args.out, f"{name}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    chip = torch.cuda.get_device_name(args.device) if args.device != "cpu" else "cpu"
+    try:
+        os.makedirs(folder)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**vars(args), "torch": torch.__version__, "device_name": chip}, f, indent=1)
+    except OSError as e:
+        common.die(f"cannot write the run folder {folder} ({e.strerror}); choose another --out")
+    return folder
+
+
+def load_checkpoint(args, nets, opts, data_gen):
+    """--resume: a checkpoint of this script with the same experiment flags, loaded without running
+    any code in it, into nets, opts and the RNGs. Returns its folder, step and seconds."""
     path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
-    try:  # weights_only: tensors, numbers, strings and containers of them; a pickle that would run code is refused
+    need(os.path.exists(path), f"--resume {path}: no such file or folder")
+    try:  # weights_only: tensors, numbers, strings, containers; a pickle that runs code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})" if os.path.exists(path)
-                   else f"--resume {path}: no such file or folder")
-    need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT, f"{path} is not a checkpoint of {SCRIPT}")
-    need(all(key in ckpt for key in ("args", "step", "seconds", "models", "optims", "rng")), f"{path} is not a complete checkpoint")
-    for flag in sorted(set(vars(args)) | set(ckpt["args"])):
-        need(flag in RUN_FLAGS or vars(args).get(flag) == ckpt["args"].get(flag), f"--{flag.replace('_', '-')} is "
-             f"{vars(args).get(flag)} but {path} was trained with {ckpt['args'].get(flag)}; resume with the same value")
-    return path, ckpt
+        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
+    need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
+         f"{path} is not a checkpoint of {SCRIPT}")
+    keys = ("args", "step", "seconds", "models", "optims", "rng")
+    need(all(key in ckpt for key in keys), f"{path} is not a complete checkpoint")
+    for flag in sorted(set(vars(args)) | set(ckpt["args"])):  # only RUN_FLAGS may change
+        now, then = vars(args).get(flag), ckpt["args"].get(flag)
+        need(flag in RUN_FLAGS or now == then, f"--{flag.replace('_', '-')} is {now} but {path} "
+             f"was trained with {then}; resume with the same value")
+    try:
+        for name, net in nets.items():
+            net.load_state_dict(ckpt["models"][name])
+        for name, opt in opts.items():
+            opt.load_state_dict(ckpt["optims"][name])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        if args.device != "cpu" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], args.device)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        common.die(f"{path} does not fit these networks ({type(e).__name__}); "
+                   "resume with the flags it was made with")
+    folder = os.path.dirname(os.path.abspath(path))
+    common.truncate_metrics(os.path.join(folder, "metrics.csv"), ckpt["step"])  # rows past it go
+    return folder, ckpt["step"], ckpt["seconds"]
 
 
-class Run:
-    """One run's folder (config.json, metrics.csv, checkpoint.pt), its data order, resume (bit for bit from
-    where the last checkpoint stopped), progress lines and NaN check."""
+def save_checkpoint(folder, args, step, seconds, nets, opts, data_rng):
+    """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (temp file, rename)."""
+    cuda_rng = torch.cuda.get_rng_state(args.device) if args.device != "cpu" else None
+    ckpt = {"script": SCRIPT, "args": vars(args), "step": step, "seconds": seconds,
+            "models": {name: net.state_dict() for name, net in nets.items()},
+            "optims": {name: opt.state_dict() for name, opt in opts.items()},
+            "rng": {"torch": torch.get_rng_state(), "data": data_rng, "cuda": cuda_rng}}
+    torch.save(ckpt, os.path.join(folder, "checkpoint.tmp"))
+    os.replace(os.path.join(folder, "checkpoint.tmp"), os.path.join(folder, "checkpoint.pt"))
 
-    def __init__(self, args, nets, opts):
-        self.args, self.nets, self.opts, self.device = args, nets, opts, torch.device(args.device)
-        self.step, self.seconds, self.data_gen = 0, 0.0, torch.Generator().manual_seed(args.seed)
-        if args.resume:
-            path, ckpt = load_checkpoint(args)
-            try:
-                for part, group in (("models", nets), ("optims", opts)):
-                    for name, module in group.items():
-                        module.load_state_dict(ckpt[part][name])
-                torch.set_rng_state(ckpt["rng"]["torch"])
-                self.data_gen.set_state(ckpt["rng"]["data"])
-                if self.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-                    torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
-            except (RuntimeError, ValueError, KeyError, TypeError) as e:
-                common.die(f"{path} does not fit these networks ({type(e).__name__}); resume with the flags it was made with")
-            self.dir, self.step, self.seconds = os.path.dirname(os.path.abspath(path)), ckpt["step"], ckpt["seconds"]
-            common.truncate_metrics(os.path.join(self.dir, "metrics.csv"), self.step)
-        else:
-            k = f"__k{args.k}{'-first-order' * vars(args).get('first_order', False)}" if "k" in vars(args) else ""
-            self.dir = os.path.join(args.out, f"{SCRIPT[:-3]}__{args.dataset}{k}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-            try:
-                os.makedirs(self.dir)
-                with open(os.path.join(self.dir, "config.json"), "w") as f:
-                    json.dump({**vars(args), "torch": torch.__version__, "device_name": torch.cuda.get_device_name(
-                        self.device) if self.device.type == "cuda" else "cpu"}, f, indent=1)
-            except OSError as e:
-                common.die(f"cannot write the run folder {self.dir} ({e.strerror}); choose another --out")
-        print(f"run folder {self.dir} ({f'resumed at step {self.step}' if args.resume else 'new run'})", flush=True)
-        self.first, self.t_start = self.step, time.time()
 
-    def batches(self, data):
-        """The training batches, epoch after epoch, from where a resumed run stopped to --epochs or --steps."""
-        full = data.steps_per_epoch(self.args.batch_size)
-        self.per_epoch = min(full, self.args.epoch_steps or full)
-        need(self.per_epoch > 0, f"--batch-size {self.args.batch_size} is larger than the training set")
-        self.total = min(self.args.epochs * self.per_epoch, self.args.steps or 10 ** 18)
-        self.bad = torch.full((len(LOSSES),), -1, device=self.device)  # the first step at which a loss was not finite
-        while self.step < self.total:
-            self.epoch_rng = self.data_gen.get_state()  # this epoch's order is drawn from it (saved for resume)
-            self.sums = self.epoch_sums = self.epoch_n = 0
-            self.line_step, self.t_line, self.t_epoch, skip = self.step, time.time(), time.time(), self.step % self.per_epoch
-            for i, batch in enumerate(itertools.islice(data.epoch(self.args.batch_size, self.data_gen), self.per_epoch)):
-                if i >= skip:
-                    self.epoch_end = i + 1 == self.per_epoch or self.step + 1 == self.total
-                    yield batch
-                    if self.step == self.total:
-                        return
-
-    def log(self, losses):
-        """Count a step, add its losses (no host sync); every --log-every steps: NaN check, progress. True at an epoch's end."""
-        self.step, self.epoch_n = self.step + 1, self.epoch_n + 1
-        self.sums, self.epoch_sums = self.sums + losses, self.epoch_sums + losses
-        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(losses), self.step, self.bad)
-        if self.step % self.args.log_every == 0 or self.epoch_end:
-            for name, at in zip(LOSSES, self.bad.tolist()):
-                need(at < 0, f"{name} became NaN or infinite at step {at}; lower the learning rate or check the data")
-            rate = (self.step - self.line_step) / max(time.time() - self.t_line, 1e-9)
-            means, eta = (self.sums / (self.step - self.line_step)).tolist(), (self.total - self.step) / max(rate, 1e-9)
-            print(f"epoch {math.ceil(self.step / self.per_epoch)}/{self.args.epochs}  step {self.step}/{self.total}  "
-                  + "  ".join(f"{name} {v:.3f}" for name, v in zip(LOSSES, means))
-                  + f"  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-            self.sums, self.line_step, self.t_line = 0, self.step, time.time()
-        self.train_seconds = time.time() - self.t_epoch  # read at an epoch's end: training only, no evaluation
-        return self.epoch_end
-
-    def save(self, row):
-        """At an epoch's end: a metrics.csv row (mean losses, speed, evaluation), then the checkpoint, atomically."""
-        self.row = {"epoch": round(self.step / self.per_epoch, 3), "step": self.step, "steps_per_s": self.epoch_n /
-                    self.train_seconds, "seconds": round(self.seconds + time.time() - self.t_start, 1),  # over resumes too
-                    **dict(zip(LOSSES, (self.epoch_sums / self.epoch_n).tolist())), **row}
-        common.append_metrics(os.path.join(self.dir, "metrics.csv"), self.row)
-        rng = {"torch": torch.get_rng_state(), "data": self.epoch_rng if self.step % self.per_epoch else self.data_gen.get_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        torch.save({"script": SCRIPT, "args": vars(self.args), "step": self.step, "seconds": self.row["seconds"], "rng": rng,
-                    "models": {k: m.state_dict() for k, m in self.nets.items()},
-                    "optims": {k: o.state_dict() for k, o in self.opts.items()}}, os.path.join(self.dir, "checkpoint.tmp"))
-        os.replace(os.path.join(self.dir, "checkpoint.tmp"), os.path.join(self.dir, "checkpoint.pt"))
+def progress(epoch, step, total, mean_losses, rate, args):
+    """The progress line: epoch, step, the mean losses since the last line, speed, time left."""
+    eta = (total - step) / max(rate, 1e-9)
+    losses = "  ".join(f"{name} {value:.3f}" for name, value in zip(LOSSES, mean_losses.tolist()))
+    print(f"epoch {epoch}/{args.epochs}  step {step}/{total}  {losses}"
+          f"  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
 
 
 def train(args):
-    """One run: data, networks; per step train_step; per epoch an evaluation row, a checkpoint and figures."""
+    """One run: seed, data, networks, the run folder; then epoch after epoch of train_step, and at
+    each epoch's end a metrics.csv row, the checkpoint and the figures. Returns the run folder."""
+    # TRY NOT TO MODIFY: seeding
     torch.manual_seed(args.seed)  # the weights and the training noise
+    data_gen = torch.Generator().manual_seed(args.seed)  # the order of the training data
     data, ctx = setup(args)
     nets, opts = build(args, data.shape)
-    run = Run(args, nets, opts)
-    for x, _ in run.batches(data):
-        if run.log(train_step(nets, opts, x, args)):  # True at each epoch's end
-            run.save(evaluate(nets, ctx, args))
-            save_figures(nets, ctx, run, args)
-    wall, n = time.time() - run.t_start, run.step - run.first
-    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2 ** 20:.0f} MiB" if run.device.type == "cuda" else ""
-    print(f"done: {n} steps in {wall:.1f} s ({n / max(wall, 1e-9):.2f} steps/s){peak}, run folder {run.dir}", flush=True)
-    return run.dir
+    per_epoch = min(data.steps_per_epoch(args.batch_size), args.epoch_steps or math.inf)
+    need(per_epoch > 0, f"--batch-size {args.batch_size} is larger than the training set")
+    total = min(args.epochs * per_epoch, args.steps or math.inf)
+    if args.resume:
+        folder, step, seconds = load_checkpoint(args, nets, opts, data_gen)
+    else:
+        folder, step, seconds = make_run_folder(args), 0, 0.0
+    how = f"resumed at step {step}" if args.resume else "new run"
+    print(f"run folder {folder} ({how})", flush=True)
+    first_step, t_start = step, time.time()
+    first_bad = torch.full((len(LOSSES),), -1, device=args.device)  # each loss's first NaN/inf step
+
+    # THE LOOP: epoch after epoch, batch after batch
+    while step < total:
+        epoch = step // per_epoch  # 0-based
+        epoch_rng = data_gen.get_state()  # this epoch's order is drawn from it (saved mid-epoch)
+        begin, end = epoch * per_epoch, min((epoch + 1) * per_epoch, total)  # steps begin+1..end
+        epoch_start, line_start = step, step
+        epoch_sums = line_sums = 0
+        t_epoch = t_line = time.time()
+        batches = data.epoch(args.batch_size, data_gen)  # a resumed run skips its first batches
+        for x, _ in itertools.islice(batches, step - begin, end - begin):
+            losses = train_step(nets, opts, x, args)
+            step += 1
+            epoch_sums = epoch_sums + losses  # on the device: no host sync per step
+            line_sums = line_sums + losses
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
+            if step % args.log_every == 0 or step == end:
+                for name, at in zip(LOSSES, first_bad.tolist()):
+                    need(at < 0, f"{name} became NaN or infinite at step {at}; "
+                         "lower the learning rate or check the data")
+                rate = (step - line_start) / max(time.time() - t_line, 1e-9)
+                progress(epoch + 1, step, total, line_sums / (step - line_start), rate, args)
+                line_sums, line_start, t_line = 0, step, time.time()
+        train_seconds = time.time() - t_epoch  # training only, no evaluation
+
+        # the epoch's end (or --steps): a metrics.csv row, the checkpoint, the figures
+        row = {"epoch": round(step / per_epoch, 3),
+               "step": step,
+               "steps_per_s": (step - epoch_start) / train_seconds,
+               "seconds": round(seconds + time.time() - t_start, 1),  # over resumes too
+               **dict(zip(LOSSES, (epoch_sums / (step - epoch_start)).tolist())),
+               **evaluate(nets, ctx, args)}
+        common.append_metrics(os.path.join(folder, "metrics.csv"), row)
+        data_rng = epoch_rng if step % per_epoch else data_gen.get_state()  # mid-epoch: replay it
+        save_checkpoint(folder, args, step, row["seconds"], nets, opts, data_rng)
+        save_figures(nets, ctx, args, folder, row)
+
+    wall, n = time.time() - t_start, step - first_step
+    peak = ""
+    if args.device != "cpu":
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated(args.device) / 2 ** 20:.0f} MiB"
+    print(f"done: {n} steps in {wall:.1f} s ({n / max(wall, 1e-9):.2f} steps/s){peak}, "
+          f"run folder {folder}", flush=True)
+    return folder
 # ==================================== (end of the plumbing) ====================================
 
 

@@ -1,12 +1,14 @@
-"""VAE-GAN: report §IV, Fig. 13 (encoder, decoder = generator, discriminator); traversals of encoded images (Fig. 14).
+"""VAE-GAN: report §IV, Fig. 13 (encoder, decoder = generator, discriminator); Fig. 14 traversals.
 
-Larsen et al. 2016, "Autoencoding beyond pixels using a learned similarity metric" (ICML; arXiv:1512.09300): the
-pixel reconstruction term becomes a Gaussian likelihood of the discriminator's l-th layer features; reconstructions
-and prior samples are both GAN fakes; --beta weighs the prior (KL) term, as in the report. The paper's 64x64 nets
-(channel widths × --width) and smaller ones for 28x28. Each epoch, on fixed images: each latent's KL and, on sprites,
-MIG (Chen et al. 2018); reconstructions.png: beta_vae.py's 8 fixed sprites, titled with pixel MSE and % grey pixels.
+Larsen et al. 2016, "Autoencoding beyond pixels using a learned similarity metric" (ICML): the
+pixel reconstruction term becomes a Gaussian likelihood of the discriminator's l-th layer
+features; reconstructions and prior samples are both GAN fakes; --beta weighs the prior (KL) term,
+as in the report; --gamma weighs reconstruction against the GAN term in the decoder's loss; and
+Larsen et al.'s equilibrium gate keeps the game going. The paper's 64x64 nets (channel widths ×
+--width) and smaller ones for 28x28. Each epoch, on fixed images: each latent's KL, reconstruction
+error and grey pixels and, with known factors, MIG and the latent × factor MI matrix.
 
-    python vae_gan.py --device cpu --latents 10 --width 0.125 --batch-size 32 --steps 2500   # the README's run
+    python vae_gan.py --dataset squares --seed 3   # Lab 4's VAE-GAN row (about 10 minutes on a CPU)
 """
 import argparse
 import itertools
@@ -17,220 +19,363 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 
 SCRIPT = "vae_gan.py"
-LOSSES = ("loss_d", "loss_dec", "llike", "kl")  # what train_step returns, in this order
+# what train_step returns, in this order; d_on and g_on: 1 when the gate let D's / the decoder's
+# GAN update through (their epoch means: the share of steps updated)
+LOSSES = ("loss_d", "loss_dec", "llike", "kl", "bce_real", "bce_fake", "d_on", "g_on")
 DEFAULTS = {"sprites": dict(
-    epochs=26,  # as beta_vae.py: 26 passes of 11,520 steps, about disentanglement_lib's 300,000 steps on dSprites
+    epochs=26,  # as beta_vae.py: 26 passes of 11,520 steps, disentanglement_lib's ~300,000
     epoch_steps=0,  # an epoch is one pass over the 737,280 factor combinations
     batch_size=64,  # as beta_vae.py, for the same images per step
     lr=3e-4,  # Larsen et al.'s RMSprop learning rate
-    latents=128, width=1.0,  # Larsen et al.'s latents and channel widths (the README's CPU run: 10 and 0.125)
+    latents=128, width=1.0,  # Larsen et al.'s latents and channel widths
     beta=1.0,  # 1 = Larsen et al.'s prior term; the report's β weighs it
-    gamma=1e-2,  # ours (the paper gives no value): at the README's scale γ·llike starts near 17, the GAN term near 2
+    gamma=1e-2,  # Larsen et al.'s weight of the feature likelihood against the GAN term (aegan.py)
+    equilibrium=0.68, margin=0.35,  # Larsen et al.'s gate (aegan.py); --margin inf: no gate
     mig_samples=10000)}  # MIG on 10,000 fixed images, as disentanglement_lib measures it
-DEFAULTS.update({d: {**DEFAULTS["sprites"], "epochs": 20} for d in ("mnist", "celeba")})  # 20 passes: no paper run to follow
+DEFAULTS["squares"] = {
+    **DEFAULTS["sprites"],
+    "epochs": 6,  # the lab: as beta_vae.py, 6 epochs of 480 steps
+    "latents": 10, "width": 0.125,  # β-VAE's 10 latents; an eighth of the widths for a CPU
+    "mig_samples": 6144}  # every one of the 6,144 squares
+DEFAULTS["mnist"] = {**DEFAULTS["sprites"], "epochs": 20}  # 20 passes: no paper run to follow
+DEFAULTS["celeba"] = DEFAULTS["mnist"]
+ACTIVE_KL = 0.1  # a latent with less KL (nats) than this is switched off (carries nothing)
 
 
 def add_flags(p):
-    p.add_argument("--beta", type=float, help="weight β of the prior (KL) term in the encoder's loss (default: %(default)s)")
-    p.add_argument("--gamma", type=float, help="weight γ of the feature likelihood in the decoder's loss (default: %(default)s)")
+    p.add_argument("--beta", type=float,
+                   help="weight β of the KL term in the encoder's loss (default: %(default)s)")
+    p.add_argument("--gamma", type=float,
+                   help="weight γ of the feature likelihood in the decoder's loss "
+                        "(default: %(default)s)")
+    p.add_argument("--equilibrium", type=float,
+                   help="the gate's target BCE of D (default: %(default)s)")
+    p.add_argument("--margin", type=float,
+                   help="the gate's margin around it; inf: no gate (default: %(default)s)")
     p.add_argument("--latents", type=int, help="latent dimensions (default: %(default)s)")
-    p.add_argument("--width", type=float, help="multiplier of the paper's channel widths; < 1 for CPU runs (default: %(default)s)")
-    p.add_argument("--lr", type=float, help="RMSprop learning rate of all three networks (default: %(default)s)")
-    p.add_argument("--mig-samples", type=int, help="fixed sprites for MIG, the first 2,000 also for the KL (default: %(default)s images)")
+    p.add_argument("--width", type=float,
+                   help="multiplier of the paper's channel widths (default: %(default)s)")
+    p.add_argument("--lr", type=float,
+                   help="RMSprop learning rate of all three networks (default: %(default)s)")
+    p.add_argument("--mig-samples", type=int,
+                   help="fixed images for MIG and the KL (default: %(default)s images)")
 
 
 def check_flags(a):
-    need(all(0 < v < math.inf for v in (a.beta, a.gamma, a.lr)) and 0 < a.width <= 4,
-         f"--beta, --gamma, --lr must be finite and > 0 and --width in (0, 4] (got {a.beta}, {a.gamma}, {a.lr}, {a.width})")
-    need(1 <= a.latents <= 1000 and 8 <= a.mig_samples <= 100000,
-         f"--latents must be in 1-1000 and --mig-samples in 8-100000 (got {a.latents}, {a.mig_samples})")
+    for flag in ("beta", "gamma", "lr"):
+        value = getattr(a, flag)
+        need(0 < value < math.inf, f"--{flag} must be finite and > 0 (got {value})")
+    need(0 < a.equilibrium < math.inf, f"--equilibrium must be finite, > 0 (got {a.equilibrium})")
+    need(a.margin >= 0, f"--margin must be >= 0 or inf (got {a.margin})")
+    need(0 < a.width <= 4, f"--width must be in (0, 4] (got {a.width})")
+    need(1 <= a.latents <= 1000, f"--latents must be in 1-1000 (got {a.latents})")
+    need(8 <= a.mig_samples <= 100000, f"--mig-samples must be in 8-100000 (got {a.mig_samples})")
 
 
-# ---- Models (Larsen et al.: 5x5 convs, BatchNorm, ReLU; ↓/↑ = stride 2). Images in [-1, 1] --------------------------
+# ---- Models (Larsen et al.: 5x5 convs, BatchNorm, ReLU; ↓/↑ = stride 2). Images in [-1, 1] ------
 def block(c_in, c_out, down=True):
     """5x5 conv ↓ (or transposed conv ↑), stride 2, BatchNorm, ReLU."""
-    conv = nn.Conv2d(c_in, c_out, 5, 2, 2) if down else nn.ConvTranspose2d(c_in, c_out, 5, 2, 2, output_padding=1)
+    if down:
+        conv = nn.Conv2d(c_in, c_out, 5, 2, 2)
+    else:
+        conv = nn.ConvTranspose2d(c_in, c_out, 5, 2, 2, output_padding=1)
     return [conv, nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
-def widths(size, w):
-    """Channel widths (encoder, decoder, discriminator convs) of the paper's 64x64 nets × w, or of our 28x28 nets."""
-    r = lambda c: max(8, int(round(c * w)))  # noqa: E731
-    if size == 64:
-        return [r(64), r(128), r(256)], [r(256), r(128), r(32)], [r(32), r(128), r(256), r(256)]
-    return [r(64), r(128)], [r(128), r(64)], [r(32), r(64), r(128)]
+def scaled(channels, w):
+    """The paper's channel count × w, at least 8."""
+    return max(8, int(round(channels * w)))
 
 
 def larsen_encoder(channels, size, latents, w):
-    """64x64: 64↓, 128↓, 256↓, FC 2048 (BN, ReLU), FC [μ, log σ²] (B, 2·latents); 28x28: 64↓, 128↓, FC 512, FC."""
-    enc, s, fc = widths(size, w)[0], size // 8 if size == 64 else size // 4, max(64, int((2048 if size == 64 else 512) * w))
-    layers = [m for c_in, c_out in zip([channels] + enc, enc) for m in block(c_in, c_out)]
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(enc[-1] * s * s, fc), nn.BatchNorm1d(fc), nn.ReLU(), nn.Linear(fc, 2 * latents))
+    """x (B, C, H, W) -> [μ, log σ²] (B, 2·latents). 64x64: 64↓, 128↓, 256↓, FC 2048 (BN, ReLU),
+    FC; 28x28: 64↓, 128↓, FC 512, FC."""
+    c1, c2, c3 = scaled(64, w), scaled(128, w), scaled(256, w)
+    if size == 28:
+        fc = max(64, int(512 * w))
+        return nn.Sequential(
+            *block(channels, c1),  # (B, c1, 14, 14)
+            *block(c1, c2),  # (B, c2, 7, 7)
+            nn.Flatten(),
+            nn.Linear(c2 * 7 * 7, fc), nn.BatchNorm1d(fc), nn.ReLU(),
+            nn.Linear(fc, 2 * latents))
+    fc = max(64, int(2048 * w))
+    return nn.Sequential(
+        *block(channels, c1),  # (B, c1, 32, 32)
+        *block(c1, c2),  # (B, c2, 16, 16)
+        *block(c2, c3),  # (B, c3, 8, 8)
+        nn.Flatten(),
+        nn.Linear(c3 * 8 * 8, fc), nn.BatchNorm1d(fc), nn.ReLU(),
+        nn.Linear(fc, 2 * latents))
 
 
 def larsen_decoder(channels, size, latents, w):
-    """64x64: FC 8·8·256 (BN, ReLU), 256↑, 128↑, 32↑, conv 5x5 to C, tanh; 28x28: FC 7·7·128, 128↑, 64↑, conv, tanh."""
-    dec = widths(size, w)[1]
-    c, s = dec[0], size // 2 ** len(dec)  # 256 x 8 x 8 (64x64) or 128 x 7 x 7 (28x28)
-    return nn.Sequential(nn.Linear(latents, c * s * s), nn.BatchNorm1d(c * s * s), nn.ReLU(), nn.Unflatten(1, (c, s, s)),
-                         *[m for c_in, c_out in zip([c] + dec[:-1], dec) for m in block(c_in, c_out, down=False)],
-                         nn.Conv2d(dec[-1], channels, 5, 1, 2), nn.Tanh())
+    """z (B, latents) -> image (B, C, H, W) in [-1, 1]. 64x64: FC 8·8·256 (BN, ReLU), 256↑, 128↑,
+    32↑, conv 5x5 to C, tanh; 28x28: FC 7·7·128, 128↑, 64↑, conv, tanh."""
+    if size == 28:
+        c1, c2 = scaled(128, w), scaled(64, w)
+        return nn.Sequential(
+            nn.Linear(latents, c1 * 7 * 7), nn.BatchNorm1d(c1 * 7 * 7), nn.ReLU(),
+            nn.Unflatten(1, (c1, 7, 7)),
+            *block(c1, c1, down=False),  # (B, c1, 14, 14)
+            *block(c1, c2, down=False),  # (B, c2, 28, 28)
+            nn.Conv2d(c2, channels, 5, 1, 2), nn.Tanh())
+    c1, c2, c3 = scaled(256, w), scaled(128, w), scaled(32, w)
+    return nn.Sequential(
+        nn.Linear(latents, c1 * 8 * 8), nn.BatchNorm1d(c1 * 8 * 8), nn.ReLU(),
+        nn.Unflatten(1, (c1, 8, 8)),
+        *block(c1, c1, down=False),  # (B, c1, 16, 16)
+        *block(c1, c2, down=False),  # (B, c2, 32, 32)
+        *block(c2, c3, down=False),  # (B, c3, 64, 64)
+        nn.Conv2d(c3, channels, 5, 1, 2), nn.Tanh())
 
 
 class LarsenDiscriminator(nn.Module):
-    """64x64: conv 32 (ReLU), 128↓, 256↓, 256↓ (= Dis_l, 8x8), FC 512 (BN, ReLU), FC 1;
-    28x28: conv 32, 64↓, 128↓ (= Dis_l, 7x7), FC 256, FC 1. Returns (logit (B,), Dis_l features (B, F))."""
+    """x -> (logit (B,), Dis_l features (B, F)). 64x64: conv 32 (ReLU), 128↓, 256↓, 256↓ (= Dis_l,
+    after BN, before ReLU), FC 512 (BN, ReLU), FC 1; 28x28: conv 32, 64↓, 128↓ (= Dis_l), FC 256,
+    FC 1."""
 
     def __init__(self, channels, size, w):
         super().__init__()
-        dis = widths(size, w)[2]
-        layers = [nn.Conv2d(channels, dis[0], 5, 1, 2), nn.ReLU(), *[m for a, b in zip(dis, dis[1:]) for m in block(a, b)]]
-        self.features = nn.Sequential(*layers[:-1])  # Dis_l: the last conv block after BN, before its ReLU
-        s, fc = size // 2 ** (len(dis) - 1), max(64, int((512 if size == 64 else 256) * w))
-        self.head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(dis[-1] * s * s, fc), nn.BatchNorm1d(fc),
-                                  nn.ReLU(), nn.Linear(fc, 1))
+        c0 = scaled(32, w)
+        if size == 28:
+            c1, c2, s, fc = scaled(64, w), scaled(128, w), 7, max(64, int(256 * w))
+            downs = [*block(c0, c1), *block(c1, c2)[:2]]  # (B, c2, 7, 7), Dis_l: no ReLU
+        else:
+            c1, c2, s, fc = scaled(128, w), scaled(256, w), 8, max(64, int(512 * w))
+            downs = [*block(c0, c1), *block(c1, c2), *block(c2, c2)[:2]]  # (B, c2, 8, 8)
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, c0, 5, 1, 2), nn.ReLU(),  # (B, c0, H, W)
+            *downs)
+        self.head = nn.Sequential(
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(c2 * s * s, fc), nn.BatchNorm1d(fc), nn.ReLU(),
+            nn.Linear(fc, 1))
 
     def forward(self, x):
         f = self.features(x)
         return self.head(f).squeeze(1), f.flatten(1)
 
 
-# ---- Losses and metrics ---------------------------------------------------------------------------------------------
+# ---- Losses ------------------------------------------------------------------------------------
 def feature_nll(f_rec, f_real):
     """L_llike^Dis_l = −log N(Dis_l(x) | Dis_l(x̃), I) without its constant."""
-    # ½ Σ_features (Dis_l(x̃) − Dis_l(x))², summed over the features, mean over the batch
+    # ½ Σ_features (Dis_l(x̃) − Dis_l(x))², summed over the features, a mean over the batch
     return 0.5 * (f_rec - f_real).pow(2).sum() / f_rec.shape[0]
 
 
+def equilibrium_gate(bce_real, bce_fake, equilibrium, margin):
+    """Larsen et al.'s gate (aegan.py) as 0/1 tensors (no host sync): the decoder's GAN term
+    pauses while D loses badly (a BCE above equilibrium + margin), D while it wins. Deviation: D
+    wins when BOTH its BCEs are below equilibrium − margin (aegan.py: either one), else a D that
+    calls everything real (real BCE 0.1, fake 0.9) is never trained again; so both never pause."""
+    d_on = (bce_real >= equilibrium - margin) | (bce_fake >= equilibrium - margin)
+    g_on = (bce_real <= equilibrium + margin) & (bce_fake <= equilibrium + margin)
+    return d_on.float(), g_on.float()
+
+
+# ---- Metrics: the same code in beta_vae.py, vae_gan.py and vae_infogan.py ---------------------
 def kl_per_latent(mu, logvar):
     """KL(q(z_j|x) ‖ N(0, 1)) of each latent j, mean over the batch: (L,)."""
-    # closed form for Gaussians: KL(N(μ, σ²) ‖ N(0, 1)) = ½ (μ² + σ² − log σ² − 1), mean over the batch
+    # closed form for Gaussians: KL(N(μ, σ²) ‖ N(0, 1)) = ½ (μ² + σ² − log σ² − 1)
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).mean(0)
 
 
-def mig(codes, factors, sizes, bins=20):
-    """Mutual Information Gap (Chen et al. 2018) as in disentanglement_lib: each code (N, L) cut into `bins` equal bins
-    over its range; per factor (N, K), (largest − second largest MI with a code) / H(factor); mean over the factors."""
-    lo, hi = codes.min(0).values, codes.max(0).values
-    binned = ((codes - lo) / (hi - lo).clamp_min(1e-12) * bins).long().clamp(0, bins - 1)  # (N, L)
-    plogq = lambda p, q: torch.where(p > 0, p * (p / q).log(), torch.zeros_like(p))  # noqa: E731  p log(p/q), 0 at p = 0
-    gaps = []
+def mi_matrix(codes, factors, sizes, bins=20):
+    """I(code_j; factor_k) / H(factor_k), (L, K), as disentanglement_lib: each code (N, L) cut into
+    `bins` equal-width bins over its range. A constant factor's column is NaN (H = 0)."""
+    lo = codes.min(0).values
+    width = (codes.max(0).values - lo).clamp_min(1e-12) / bins
+    binned = ((codes - lo) / width).long().clamp(0, bins - 1)  # (N, L)
+    columns = []
     for k, size in enumerate(sizes):
-        f = factors[:, k].long()  # p(b, f): each code's bins b against the factor's values f, (L, bins, size)
-        joint = torch.stack([torch.bincount(b * size + f, minlength=bins * size) for b in binned.T]).view(-1, bins, size).double() / len(f)
-        p_b, p_f = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
-        h_f = -plogq(p_f[0], 1).sum()  # H(f) = −Σ_f p(f) log p(f), nats
-        mi = plogq(joint, p_b * p_f).sum((1, 2)).sort(descending=True).values  # I(b; f) = Σ p(b, f) log p(b, f) / p(b) p(f)
-        if h_f > 0:  # a constant factor carries no information (disentanglement_lib drops it too)
-            gaps.append((mi[0] - (mi[1] if len(mi) > 1 else 0)) / h_f)
-    return float(torch.stack(gaps).mean())
+        f = factors[:, k].long()
+        counts = [torch.bincount(b * size + f, minlength=bins * size) for b in binned.T]
+        joint = torch.stack(counts).view(-1, bins, size).double() / len(f)  # p(b, f): (L, bins, K)
+        p_b = joint.sum(2, keepdim=True)
+        p_f = torch.bincount(f, minlength=size).double() / len(f)  # exact: a constant f has p = 1
+        # H(f) = −Σ_f p(f) log p(f); I(b; f) = Σ p(b, f) log p(b, f) / (p(b) p(f)), in nats
+        h_f = -torch.special.xlogy(p_f, p_f).sum()
+        mi = (torch.special.xlogy(joint, joint) - torch.special.xlogy(joint, p_b * p_f)).sum((1, 2))
+        columns.append(mi / h_f if h_f > 0 else torch.full_like(mi, math.nan))
+    return torch.stack(columns, dim=1)
 
 
-def fixed_images(data, args):
-    """Fixed images as the encoder takes them, and factors: sprites' eval_set (binary: int8), else 1,000 training images."""
-    if args.dataset == "sprites":
-        x, factors = data.eval_set(args.mig_samples, seed=0)
-        return x.to(torch.int8), factors.cpu()
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:1000]
-    return data.batch(idx.to(data.images.device))[0], None
+def factor_gaps(matrix):
+    """Per factor, the largest minus the second largest normalised MI: (K,), NaN if constant."""
+    top = matrix.sort(dim=0, descending=True).values
+    second = top[1] if len(top) > 1 else torch.zeros_like(top[0])
+    return top[0] - second
+
+
+def mig(codes, factors, sizes):
+    """Mutual Information Gap (Chen et al. 2018): the mean gap over the non-constant factors."""
+    return float(factor_gaps(mi_matrix(codes, factors, sizes)).nanmean())
+
+
+def disentanglement(mu, logvar, factors, sizes):
+    """The metrics row: MIG on the means μ(x) and on z ~ q(z|x) (one fixed draw), each factor's
+    gap (sampled), the sampled MI matrix as mi_z<j>_<factor>, and the active latents."""
+    noise = torch.randn(mu.shape, generator=torch.Generator().manual_seed(0), dtype=mu.dtype)
+    z = mu + (0.5 * logvar).exp() * noise
+    matrix = mi_matrix(z, factors, sizes)
+    kept = [k for k, size in enumerate(sizes) if size > 1]
+    row = {"mig": mig(mu, factors, sizes), "mig_sampled": float(factor_gaps(matrix).nanmean())}
+    gaps = factor_gaps(matrix).tolist()
+    row.update({f"gap_{common.Sprites.FACTORS[k]}": gaps[k] for k in kept})
+    row["active"] = int((kl_per_latent(mu, logvar) > ACTIVE_KL).sum())
+    for j in range(len(matrix)):
+        row.update({f"mi_z{j}_{common.Sprites.FACTORS[k]}": float(matrix[j, k]) for k in kept})
+    return row
 
 
 @torch.no_grad()
 def encode_posterior(enc, images, chunk=1000):
-    """μ(x), log σ²(x) (N, L) on the CPU, in chunks, the encoder in eval mode (BatchNorm's running statistics)."""
-    was, _ = enc.training, enc.eval()
-    out = torch.cat([enc(images[i:i + chunk].float()) for i in range(0, len(images), chunk)]).cpu()
-    enc.train(was)
-    return out.chunk(2, dim=1)
+    """μ(x), log σ²(x) (N, L) on the CPU, in chunks, the encoder in eval mode."""
+    was_training = enc.training
+    enc.eval()
+    out = torch.cat([enc(images[i:i + chunk].float()) for i in range(0, len(images), chunk)])
+    enc.train(was_training)
+    return out.cpu().chunk(2, dim=1)
 
 
 def recon_quality(x, rec):
-    """Pixel MSE of reconstructions rec against images x (both in [0, 1]) and the % of grey reconstructed pixels."""
-    # MSE: mean over images, channels, pixels of (rec − x)²; grey: 100 · share of 0.1 < rec < 0.9 (blur, in binary images)
-    return float((rec - x).pow(2).mean()), 100 * float(((rec > 0.1) & (rec < 0.9)).float().mean())
+    """Pixel MSE of reconstructions rec against images x (both in [0, 1]) and the % of grey
+    reconstructed pixels (0.1 < rec < 0.9: blur, in binary images); each a mean over all pixels."""
+    mse = float((rec - x).pow(2).mean())
+    grey = 100 * float(((rec > 0.1) & (rec < 0.9)).float().mean())
+    return mse, grey
 
 
-# ---- ALGO LOGIC: one training step (Larsen et al.'s Algorithm 1) ----------------------------------------------------
+# ---- ALGO LOGIC: one training step (Larsen et al.'s Algorithm 1, with their gate) --------------
 def train_step(nets, opts, x, args):
-    """One step on a batch x (B, C, H, W) in [-1, 1]. Returns detached (loss_d, loss_dec, llike, kl)."""
+    """One step on a batch x (B, C, H, W) in [-1, 1]. Returns detached LOSSES; no host sync."""
     enc, dec, dis = nets["enc"], nets["dec"], nets["dis"]
-    # ---- forward pass: encode, decode, and the discriminator on real images, reconstructions, prior samples ----
+    # ---- forward: encode, decode, and the discriminator on real, reconstructed, prior images ----
     mu, logvar = enc(x).chunk(2, dim=1)
-    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # z ~ q(z|x) by reparameterisation
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # z ~ q(z|x), reparameterised
     x_rec = dec(z)  # x̃ = Dec(z), z ~ Enc(x)
     x_p = dec(torch.randn_like(mu))  # x_p = Dec(z_p), z_p ~ N(0, I)
-    (d_real, f_real), (d_rec, f_rec), (d_p, _) = dis(x), dis(x_rec), dis(x_p)
-    ones, zeros, bce = torch.ones_like(d_real), torch.zeros_like(d_real), nn.functional.binary_cross_entropy_with_logits
-    # L_prior = KL(q(z|x) ‖ p(z)), summed over the latents, mean over the batch (Larsen et al. §2)
+    d_real, f_real = dis(x)
+    d_rec, f_rec = dis(x_rec)
+    d_p, _ = dis(x_p)
+    # L_prior = KL(q(z|x) ‖ p(z)), summed over the latents, a mean over the batch (Larsen et al. §2)
     kl = kl_per_latent(mu, logvar).sum()
     # L_llike^Dis_l = −E_q[log p(Dis_l(x) | z)]; the real features are a fixed target
     llike = feature_nll(f_rec, f_real.detach())
-    # L_GAN = log Dis(x) + log(1 − Dis(x̃)) + log(1 − Dis(x_p)); loss_d = −L_GAN: three BCEs, each a mean over the batch
-    loss_d = bce(d_real, ones) + bce(d_rec, zeros) + bce(d_p, zeros)
-    # deviation: the decoder's −L_GAN is the non-saturating −log Dis(x̃) − log Dis(x_p) (each a mean over the batch;
-    # Goodfellow et al. 2014) in place of log(1 − Dis(x̃)) + log(1 − Dis(x_p)), whose gradient vanishes while Dis wins
-    loss_g = bce(d_rec, ones) + bce(d_p, ones)
-    for o in opts.values():
-        o.zero_grad(set_to_none=True)
+    # L_GAN = log Dis(x) + log(1 − Dis(x̃)) + log(1 − Dis(x_p)); D descends loss_d = −L_GAN, the
+    # sum of three BCEs, each a mean over the batch; bce_fake: the mean of the two fake ones
+    bce_real = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+    bce_rec = F.binary_cross_entropy_with_logits(d_rec, torch.zeros_like(d_rec))
+    bce_p = F.binary_cross_entropy_with_logits(d_p, torch.zeros_like(d_p))
+    loss_d = bce_real + bce_rec + bce_p
+    bce_fake = (bce_rec + bce_p) / 2
+    # deviation: the decoder's GAN term is the non-saturating −log Dis(x̃) − log Dis(x_p)
+    # (Goodfellow et al. 2014), not log(1 − Dis(x̃)) + log(1 − Dis(x_p)), whose gradient vanishes
+    # while D wins
+    loss_g = (F.binary_cross_entropy_with_logits(d_rec, torch.ones_like(d_rec))
+              + F.binary_cross_entropy_with_logits(d_p, torch.ones_like(d_p)))
+    d_on, g_on = equilibrium_gate(bce_real.detach(), bce_fake.detach(), args.equilibrium,
+                                  args.margin)
+    for opt in opts.values():
+        opt.zero_grad(set_to_none=True)
     # ---- encoder step: β·L_prior + L_llike^Dis_l ----
     (args.beta * kl + llike).backward(inputs=list(enc.parameters()), retain_graph=True)
-    # ---- decoder (generator) step: γ·L_llike^Dis_l − L_GAN ----
-    loss_dec = args.gamma * llike + loss_g
+    # ---- decoder (generator) step: γ·L_llike^Dis_l − L_GAN, the GAN term only while g_on ----
+    loss_dec = args.gamma * llike + g_on * loss_g
     loss_dec.backward(inputs=list(dec.parameters()), retain_graph=True)
-    # ---- discriminator step: −L_GAN ----
-    loss_d.backward(inputs=list(dis.parameters()))
-    for o in opts.values():  # all three gradients were taken at the same parameters, as in Algorithm 1
-        o.step()
-    return torch.stack([loss_d, loss_dec, llike, kl]).detach()
+    # ---- discriminator step: −L_GAN, only while d_on. A paused update is a zero gradient, which
+    # RMSprop (no momentum) turns into no move at all ----
+    (d_on * loss_d).backward(inputs=list(dis.parameters()))
+    for opt in opts.values():  # all three gradients at the same parameters, as in Algorithm 1
+        opt.step()
+    return torch.stack([loss_d, loss_dec, llike, kl, bce_real, bce_fake, d_on, g_on]).detach()
 
 
-# ---- Setup, evaluation, figures -------------------------------------------------------------------------------------
+# ---- Setup, evaluation, figures ----------------------------------------------------------------
 def build(args, shape):
     """Encoder, decoder, discriminator, and one RMSprop each (Larsen et al.)."""
-    c, size, device = shape[0], shape[1], torch.device(args.device)
-    nets = {k: f(c, size, args.latents, args.width).to(device) for k, f in (("enc", larsen_encoder), ("dec", larsen_decoder))}
-    nets["dis"] = LarsenDiscriminator(c, size, args.width).to(device)
-    return nets, {f"{k}_opt": torch.optim.RMSprop(m.parameters(), lr=args.lr) for k, m in nets.items()}
+    channels, size = shape[0], shape[1]
+    nets = {"enc": larsen_encoder(channels, size, args.latents, args.width),
+            "dec": larsen_decoder(channels, size, args.latents, args.width),
+            "dis": LarsenDiscriminator(channels, size, args.width)}
+    nets = {name: net.to(args.device) for name, net in nets.items()}
+    opts = {f"{name}_opt": torch.optim.RMSprop(net.parameters(), lr=args.lr)
+            for name, net in nets.items()}
+    return nets, opts
 
 
 def setup(args):
-    """Images in [-1, 1] (the decoder's tanh), the fixed evaluation images and the figures' 64 prior samples."""
+    """Images in [-1, 1] (the decoder's tanh), the fixed evaluation images, 64 prior samples."""
     data = common.load_data(args.dataset, args.data_root, torch.device(args.device), signed=True)
-    z = torch.randn(64, args.latents, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
-    return data, dict(zip(("x", "factors"), fixed_images(data, args)), sizes=getattr(data, "SIZES", None), z=z)
-
-
-def evaluate(nets, ctx, args):
-    """KL of each latent on the fixed images (sprites: the first 2,000) and, on sprites, MIG on all of them."""
-    mu, logvar = encode_posterior(nets["enc"], ctx["x"])
-    row = {f"kl_z{j}": v for j, v in enumerate(kl_per_latent(mu[:2000], logvar[:2000]).tolist())}
-    return {**row, "mig": mig(mu, ctx["factors"], ctx["sizes"]) if ctx["factors"] is not None else math.nan}
+    x, factors = common.fixed_images(data, args.mig_samples, args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    z = torch.randn(64, args.latents, generator=g).to(args.device)
+    return data, {"x": x, "factors": factors, "sizes": getattr(data, "SIZES", None), "z": z}
 
 
 @torch.no_grad()
-def save_figures(nets, ctx, run, args):
-    """reconstructions.png, samples.png, fig14_traversals.png (image 0, latents by KL), fig15_kl_per_latent.png, losses.png."""
-    enc, dec, path = nets["enc"], nets["dec"], lambda name: os.path.join(run.dir, name)  # noqa: E731
-    enc.eval(), dec.eval()  # BatchNorm's running statistics
+def evaluate(nets, ctx, args):
+    """Each latent's KL on the fixed images; reconstruction error and grey pixels on the first
+    1,000 (in [0, 1]); with known factors, MIG both ways and the MI matrix."""
+    mu, logvar = encode_posterior(nets["enc"], ctx["x"])
+    row = {f"kl_z{j}": v for j, v in enumerate(kl_per_latent(mu, logvar).tolist())}
+    nets["dec"].eval()
+    rec = (nets["dec"](mu[:1000].to(args.device)).cpu() + 1) / 2
+    nets["dec"].train()
+    row["mse"], row["grey_pct"] = recon_quality((ctx["x"][:1000].float().cpu() + 1) / 2, rec)
+    if ctx["factors"] is not None:
+        row.update(disentanglement(mu, logvar, ctx["factors"], ctx["sizes"]))
+    return row
+
+
+@torch.no_grad()
+def save_figures(nets, ctx, args, folder, row):
+    """reconstructions.png, samples.png, fig14_traversals.png, fig15_kl_per_latent.png,
+    mi_matrix.png (known factors), losses.png."""
+    enc, dec = nets["enc"], nets["dec"]
+    step = row["step"]
+    enc.eval()  # BatchNorm's running statistics
+    dec.eval()
     x = ctx["x"][:8].float()
     mu = enc(x).chunk(2, dim=1)[0]
-    real, rec = (x + 1) / 2, (dec(mu) + 1) / 2  # [-1, 1] -> [0, 1]
+    real = (x + 1) / 2  # [-1, 1] -> [0, 1]
+    rec = (dec(mu) + 1) / 2
     mse, grey = recon_quality(real, rec)
-    common.save_grid(torch.cat([real, rec]), path("reconstructions.png"), nrow=8, row_labels=["real", "VAE-GAN"],
-                     title=f"VAE-GAN reconstructions (posterior mean), step {run.step}\npixel MSE {mse:.4f}, grey pixels {grey:.1f}%")
-    common.save_grid((dec(ctx["z"]) + 1) / 2, path("samples.png"), nrow=8, title=f"VAE-GAN prior samples, step {run.step}")
-    order, values = sorted(range(args.latents), key=lambda j: -run.row[f"kl_z{j}"])[:10], torch.linspace(-3, 3, 9)
-    z = mu[0] + torch.eye(args.latents, device=mu.device)[order, None] * values.to(mu.device)[:, None]  # row r moves z_order[r]
-    common.save_traversal((dec(z.flatten(0, 1)) + 1).view(len(order), 9, *x.shape[1:]) / 2, path("fig14_traversals.png"),
-                          values, row_labels=[f"z{j} KL {run.row[f'kl_z{j}']:.2f}" for j in order], xlabel="offset from μ_j",
-                          title=f"VAE-GAN: ±3 around μ(fixed image 0), rows by KL, step {run.step}")
-    enc.train(), dec.train()
-    common.plot_metrics(path("metrics.csv"), [f"kl_z{j}" for j in order], path("fig15_kl_per_latent.png"), x="step", ylabel="KL (nats)")
-    common.plot_metrics(path("metrics.csv"), list(LOSSES), path("losses.png"), x="step", logy=True, title="VAE-GAN losses")
+    title = (f"VAE-GAN reconstructions (posterior mean), step {step}\n"
+             f"pixel MSE {mse:.4f}, grey pixels {grey:.1f}%")
+    common.save_grid(torch.cat([real, rec]), os.path.join(folder, "reconstructions.png"), nrow=8,
+                     row_labels=["real", "VAE-GAN"], title=title)
+    common.save_grid((dec(ctx["z"]) + 1) / 2, os.path.join(folder, "samples.png"), nrow=8,
+                     title=f"VAE-GAN prior samples, step {step}")
+    # Fig. 14: the encoded image 0 in the first column, then latent j moved ±3 around μ_j
+    order = sorted(range(args.latents), key=lambda j: -row[f"kl_z{j}"])[:10]
+    values = torch.linspace(-3, 3, 9)
+    offsets = torch.eye(args.latents)[order, None] * values[:, None]  # (rows, 9, L)
+    moved = (dec((mu[0] + offsets.to(mu.device)).flatten(0, 1)) + 1) / 2
+    labels = [f"z{j} KL {row[f'kl_z{j}']:.2f} {common.carried(row, j)}" for j in order]
+    common.save_encoded_traversal(real[:1].expand(len(order), *x.shape[1:]),
+                                  moved.view(len(order), 9, *x.shape[1:]), values,
+                                  os.path.join(folder, "fig14_traversals.png"), labels,
+                                  f"VAE-GAN: latents by KL, the factor each carries, step {step}")
+    enc.train()
+    dec.train()
+    metrics = os.path.join(folder, "metrics.csv")
+    common.plot_metrics(metrics, [f"kl_z{j}" for j in order],
+                        os.path.join(folder, "fig15_kl_per_latent.png"), x="step",
+                        ylabel="KL (nats)")
+    common.plot_metrics(metrics, ["loss_d", "loss_dec", "llike", "kl", "bce_real", "bce_fake"],
+                        os.path.join(folder, "losses.png"), x="step", logy=True,
+                        title="VAE-GAN losses")
+    if ctx["factors"] is not None:
+        common.save_mi_matrix(row, args.latents, os.path.join(folder, "mi_matrix.png"),
+                       f"normalised MI of sampled z with each factor, step {step}")
 
 
 def main(argv=None):
@@ -238,39 +383,49 @@ def main(argv=None):
 
 
 # ================================================================================================
-# PLUMBING — the same text in every script (a test checks it); a reader beside the report may skip it. The shared
-# flags; a run's folder, checkpoint, resume, data order, progress line and NaN check; the loop that calls the hooks.
-RUN_FLAGS = ("device", "data_root", "epochs", "steps", "out", "resume", "log_every")  # may change on --resume
+# PLUMBING: the same text in every script (a test checks it); a reader beside the report may skip
+# it. The shared flags, run folder, checkpoint, progress line; train(), the loop calling the hooks.
+RUN_FLAGS = ("device", "data_root", "epochs", "steps", "out", "resume", "log_every")
 
 
 def parse_args(argv=None):
-    """The shared flags, then the script's own (add_flags), with the defaults of DEFAULTS[--dataset]."""
+    """The shared flags, then the script's own (add_flags); defaults: DEFAULTS[--dataset]."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--dataset", choices=tuple(DEFAULTS), default=tuple(DEFAULTS)[0])
+    pre.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0])
+    pre.error = common.die  # argparse's own errors: one line, exit status 1 too
     dataset = pre.parse_known_args(argv)[0].dataset
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=f"(defaults of --dataset {dataset})")
-    p.add_argument("--dataset", choices=tuple(DEFAULTS), help="training data (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--data-root", default="./data", help="folder holding MNIST/raw or img_align_celeba (default: %(default)s)")
-    p.add_argument("--out", default="runs", help="parent folder of the run folder (default: %(default)s)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=f"(defaults of --dataset {dataset})")
+    p.error = common.die
+    p.add_argument("--dataset", choices=list(DEFAULTS), help="training data (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--data-root", default="./data",
+                   help="folder holding MNIST/raw or img_align_celeba (default: %(default)s)")
+    p.add_argument("--out", default="runs", help="where the run folder goes (default: %(default)s)")
     p.add_argument("--resume", help="checkpoint.pt or run folder to continue (default: none)")
-    numbers = (("seed", 1, 0, 2 ** 31, "seed of the weights, data order and noise"), ("epochs", None, 1, 10 ** 6, "training epochs"),
-               ("epoch-steps", None, 0, 10 ** 9, "steps per epoch, 0 = a pass over the data; metrics, figures, checkpoint "
-                "at each epoch's end"), ("steps", None, 1, 10 ** 9, "stop after this many steps in all; none = no cap"),
-               ("batch-size", None, 2, 4096, "samples per step"), ("log-every", 100, 1, 10 ** 9, "steps between progress lines"))
-    for flag, default, _, _, text in numbers:
-        p.add_argument("--" + flag, type=int, default=default, help=text + " (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the weights, data order and noise (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: %(default)s)")
+    p.add_argument("--epoch-steps", type=int, help="steps per epoch, 0 = a pass over the data; "
+                   "metrics, figures, checkpoint at each epoch's end (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="stop after this many steps in all (default: no cap)")
+    p.add_argument("--batch-size", type=int, help="samples per step (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=100,
+                   help="steps between progress lines (default: %(default)s)")
     add_flags(p)
-    pre.error = p.error = lambda message: common.die(message)  # argparse's own errors: one line, exit status 1 too
     p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
     args = p.parse_args(argv)
-    for flag, _, low, high, _ in numbers:
-        value = getattr(args, flag.replace("-", "_"))
-        need(value is None or low <= value <= high, f"--{flag} must be between {low} and {high} (got {value})")
-    need(args.device in ("cpu", "cuda") or args.device[5:].isdigit() and args.device.startswith("cuda:"),
-         f"--device {args.device} is not a device here; use cpu or cuda")
-    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(), f"--device {args.device}: no such CUDA "
-         "GPU here; use --device cpu")
+    need(0 <= args.seed <= 2 ** 31, "--seed must be between 0 and 2**31")
+    need(1 <= args.epochs <= 10 ** 6, "--epochs must be between 1 and 10**6")
+    need(args.epoch_steps >= 0, "--epoch-steps must be 0 or more")
+    need(args.steps is None or args.steps >= 1, "--steps must be 1 or more")
+    need(2 <= args.batch_size <= 4096, "--batch-size must be between 2 and 4096")
+    need(1 <= args.log_every <= 10 ** 9, "--log-every must be between 1 and 10**9")
+    cuda = args.device.startswith("cuda:") and args.device[5:].isdigit() or args.device == "cuda"
+    need(args.device == "cpu" or cuda, f"--device {args.device} is not a device; use cpu or cuda")
+    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(),
+         f"--device {args.device}: no such CUDA GPU here; use --device cpu")
     need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
     check_flags(args)
     return args
@@ -281,120 +436,140 @@ def need(ok, message):  # stop with a one-line error (no traceback) unless ok
         common.die(message)
 
 
-def load_checkpoint(args):
-    """A checkpoint of this script with the same experiment flags, loaded without running any code in it."""
+def make_run_folder(args):
+    """runs/<script>__<dataset>[__k<K>[-first-order]]__s<seed>__<time>/ and its config.json."""
+    name = f"{SCRIPT[:-3]}__{args.dataset}"
+    if "k" in vars(args):  # the unrolled scripts
+        name += f"__k{args.k}" + ("-first-order" if getattr(args, "first_order", False) else "")
+    folder = os.path.join(args.out, f"{name}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    chip = torch.cuda.get_device_name(args.device) if args.device != "cpu" else "cpu"
+    try:
+        os.makedirs(folder)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**vars(args), "torch": torch.__version__, "device_name": chip}, f, indent=1)
+    except OSError as e:
+        common.die(f"cannot write the run folder {folder} ({e.strerror}); choose another --out")
+    return folder
+
+
+def load_checkpoint(args, nets, opts, data_gen):
+    """--resume: a checkpoint of this script with the same experiment flags, loaded without running
+    any code in it, into nets, opts and the RNGs. Returns its folder, step and seconds."""
     path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
-    try:  # weights_only: tensors, numbers, strings and containers of them; a pickle that would run code is refused
+    need(os.path.exists(path), f"--resume {path}: no such file or folder")
+    try:  # weights_only: tensors, numbers, strings, containers; a pickle that runs code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})" if os.path.exists(path)
-                   else f"--resume {path}: no such file or folder")
-    need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT, f"{path} is not a checkpoint of {SCRIPT}")
-    need(all(key in ckpt for key in ("args", "step", "seconds", "models", "optims", "rng")), f"{path} is not a complete checkpoint")
-    for flag in sorted(set(vars(args)) | set(ckpt["args"])):
-        need(flag in RUN_FLAGS or vars(args).get(flag) == ckpt["args"].get(flag), f"--{flag.replace('_', '-')} is "
-             f"{vars(args).get(flag)} but {path} was trained with {ckpt['args'].get(flag)}; resume with the same value")
-    return path, ckpt
+        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
+    need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
+         f"{path} is not a checkpoint of {SCRIPT}")
+    keys = ("args", "step", "seconds", "models", "optims", "rng")
+    need(all(key in ckpt for key in keys), f"{path} is not a complete checkpoint")
+    for flag in sorted(set(vars(args)) | set(ckpt["args"])):  # only RUN_FLAGS may change
+        now, then = vars(args).get(flag), ckpt["args"].get(flag)
+        need(flag in RUN_FLAGS or now == then, f"--{flag.replace('_', '-')} is {now} but {path} "
+             f"was trained with {then}; resume with the same value")
+    try:
+        for name, net in nets.items():
+            net.load_state_dict(ckpt["models"][name])
+        for name, opt in opts.items():
+            opt.load_state_dict(ckpt["optims"][name])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        if args.device != "cpu" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], args.device)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        common.die(f"{path} does not fit these networks ({type(e).__name__}); "
+                   "resume with the flags it was made with")
+    folder = os.path.dirname(os.path.abspath(path))
+    common.truncate_metrics(os.path.join(folder, "metrics.csv"), ckpt["step"])  # rows past it go
+    return folder, ckpt["step"], ckpt["seconds"]
 
 
-class Run:
-    """One run's folder (config.json, metrics.csv, checkpoint.pt), its data order, resume (bit for bit from
-    where the last checkpoint stopped), progress lines and NaN check."""
+def save_checkpoint(folder, args, step, seconds, nets, opts, data_rng):
+    """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (temp file, rename)."""
+    cuda_rng = torch.cuda.get_rng_state(args.device) if args.device != "cpu" else None
+    ckpt = {"script": SCRIPT, "args": vars(args), "step": step, "seconds": seconds,
+            "models": {name: net.state_dict() for name, net in nets.items()},
+            "optims": {name: opt.state_dict() for name, opt in opts.items()},
+            "rng": {"torch": torch.get_rng_state(), "data": data_rng, "cuda": cuda_rng}}
+    torch.save(ckpt, os.path.join(folder, "checkpoint.tmp"))
+    os.replace(os.path.join(folder, "checkpoint.tmp"), os.path.join(folder, "checkpoint.pt"))
 
-    def __init__(self, args, nets, opts):
-        self.args, self.nets, self.opts, self.device = args, nets, opts, torch.device(args.device)
-        self.step, self.seconds, self.data_gen = 0, 0.0, torch.Generator().manual_seed(args.seed)
-        if args.resume:
-            path, ckpt = load_checkpoint(args)
-            try:
-                for part, group in (("models", nets), ("optims", opts)):
-                    for name, module in group.items():
-                        module.load_state_dict(ckpt[part][name])
-                torch.set_rng_state(ckpt["rng"]["torch"])
-                self.data_gen.set_state(ckpt["rng"]["data"])
-                if self.device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-                    torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
-            except (RuntimeError, ValueError, KeyError, TypeError) as e:
-                common.die(f"{path} does not fit these networks ({type(e).__name__}); resume with the flags it was made with")
-            self.dir, self.step, self.seconds = os.path.dirname(os.path.abspath(path)), ckpt["step"], ckpt["seconds"]
-            common.truncate_metrics(os.path.join(self.dir, "metrics.csv"), self.step)
-        else:
-            k = f"__k{args.k}{'-first-order' * vars(args).get('first_order', False)}" if "k" in vars(args) else ""
-            self.dir = os.path.join(args.out, f"{SCRIPT[:-3]}__{args.dataset}{k}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-            try:
-                os.makedirs(self.dir)
-                with open(os.path.join(self.dir, "config.json"), "w") as f:
-                    json.dump({**vars(args), "torch": torch.__version__, "device_name": torch.cuda.get_device_name(
-                        self.device) if self.device.type == "cuda" else "cpu"}, f, indent=1)
-            except OSError as e:
-                common.die(f"cannot write the run folder {self.dir} ({e.strerror}); choose another --out")
-        print(f"run folder {self.dir} ({f'resumed at step {self.step}' if args.resume else 'new run'})", flush=True)
-        self.first, self.t_start = self.step, time.time()
 
-    def batches(self, data):
-        """The training batches, epoch after epoch, from where a resumed run stopped to --epochs or --steps."""
-        full = data.steps_per_epoch(self.args.batch_size)
-        self.per_epoch = min(full, self.args.epoch_steps or full)
-        need(self.per_epoch > 0, f"--batch-size {self.args.batch_size} is larger than the training set")
-        self.total = min(self.args.epochs * self.per_epoch, self.args.steps or 10 ** 18)
-        self.bad = torch.full((len(LOSSES),), -1, device=self.device)  # the first step at which a loss was not finite
-        while self.step < self.total:
-            self.epoch_rng = self.data_gen.get_state()  # this epoch's order is drawn from it (saved for resume)
-            self.sums = self.epoch_sums = self.epoch_n = 0
-            self.line_step, self.t_line, self.t_epoch, skip = self.step, time.time(), time.time(), self.step % self.per_epoch
-            for i, batch in enumerate(itertools.islice(data.epoch(self.args.batch_size, self.data_gen), self.per_epoch)):
-                if i >= skip:
-                    self.epoch_end = i + 1 == self.per_epoch or self.step + 1 == self.total
-                    yield batch
-                    if self.step == self.total:
-                        return
-
-    def log(self, losses):
-        """Count a step, add its losses (no host sync); every --log-every steps: NaN check, progress. True at an epoch's end."""
-        self.step, self.epoch_n = self.step + 1, self.epoch_n + 1
-        self.sums, self.epoch_sums = self.sums + losses, self.epoch_sums + losses
-        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(losses), self.step, self.bad)
-        if self.step % self.args.log_every == 0 or self.epoch_end:
-            for name, at in zip(LOSSES, self.bad.tolist()):
-                need(at < 0, f"{name} became NaN or infinite at step {at}; lower the learning rate or check the data")
-            rate = (self.step - self.line_step) / max(time.time() - self.t_line, 1e-9)
-            means, eta = (self.sums / (self.step - self.line_step)).tolist(), (self.total - self.step) / max(rate, 1e-9)
-            print(f"epoch {math.ceil(self.step / self.per_epoch)}/{self.args.epochs}  step {self.step}/{self.total}  "
-                  + "  ".join(f"{name} {v:.3f}" for name, v in zip(LOSSES, means))
-                  + f"  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-            self.sums, self.line_step, self.t_line = 0, self.step, time.time()
-        self.train_seconds = time.time() - self.t_epoch  # read at an epoch's end: training only, no evaluation
-        return self.epoch_end
-
-    def save(self, row):
-        """At an epoch's end: a metrics.csv row (mean losses, speed, evaluation), then the checkpoint, atomically."""
-        self.row = {"epoch": round(self.step / self.per_epoch, 3), "step": self.step, "steps_per_s": self.epoch_n /
-                    self.train_seconds, "seconds": round(self.seconds + time.time() - self.t_start, 1),  # over resumes too
-                    **dict(zip(LOSSES, (self.epoch_sums / self.epoch_n).tolist())), **row}
-        common.append_metrics(os.path.join(self.dir, "metrics.csv"), self.row)
-        rng = {"torch": torch.get_rng_state(), "data": self.epoch_rng if self.step % self.per_epoch else self.data_gen.get_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-        torch.save({"script": SCRIPT, "args": vars(self.args), "step": self.step, "seconds": self.row["seconds"], "rng": rng,
-                    "models": {k: m.state_dict() for k, m in self.nets.items()},
-                    "optims": {k: o.state_dict() for k, o in self.opts.items()}}, os.path.join(self.dir, "checkpoint.tmp"))
-        os.replace(os.path.join(self.dir, "checkpoint.tmp"), os.path.join(self.dir, "checkpoint.pt"))
+def progress(epoch, step, total, mean_losses, rate, args):
+    """The progress line: epoch, step, the mean losses since the last line, speed, time left."""
+    eta = (total - step) / max(rate, 1e-9)
+    losses = "  ".join(f"{name} {value:.3f}" for name, value in zip(LOSSES, mean_losses.tolist()))
+    print(f"epoch {epoch}/{args.epochs}  step {step}/{total}  {losses}"
+          f"  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
 
 
 def train(args):
-    """One run: data, networks; per step train_step; per epoch an evaluation row, a checkpoint and figures."""
+    """One run: seed, data, networks, the run folder; then epoch after epoch of train_step, and at
+    each epoch's end a metrics.csv row, the checkpoint and the figures. Returns the run folder."""
+    # TRY NOT TO MODIFY: seeding
     torch.manual_seed(args.seed)  # the weights and the training noise
+    data_gen = torch.Generator().manual_seed(args.seed)  # the order of the training data
     data, ctx = setup(args)
     nets, opts = build(args, data.shape)
-    run = Run(args, nets, opts)
-    for x, _ in run.batches(data):
-        if run.log(train_step(nets, opts, x, args)):  # True at each epoch's end
-            run.save(evaluate(nets, ctx, args))
-            save_figures(nets, ctx, run, args)
-    wall, n = time.time() - run.t_start, run.step - run.first
-    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2 ** 20:.0f} MiB" if run.device.type == "cuda" else ""
-    print(f"done: {n} steps in {wall:.1f} s ({n / max(wall, 1e-9):.2f} steps/s){peak}, run folder {run.dir}", flush=True)
-    return run.dir
+    per_epoch = min(data.steps_per_epoch(args.batch_size), args.epoch_steps or math.inf)
+    need(per_epoch > 0, f"--batch-size {args.batch_size} is larger than the training set")
+    total = min(args.epochs * per_epoch, args.steps or math.inf)
+    if args.resume:
+        folder, step, seconds = load_checkpoint(args, nets, opts, data_gen)
+    else:
+        folder, step, seconds = make_run_folder(args), 0, 0.0
+    how = f"resumed at step {step}" if args.resume else "new run"
+    print(f"run folder {folder} ({how})", flush=True)
+    first_step, t_start = step, time.time()
+    first_bad = torch.full((len(LOSSES),), -1, device=args.device)  # each loss's first NaN/inf step
+
+    # THE LOOP: epoch after epoch, batch after batch
+    while step < total:
+        epoch = step // per_epoch  # 0-based
+        epoch_rng = data_gen.get_state()  # this epoch's order is drawn from it (saved mid-epoch)
+        begin, end = epoch * per_epoch, min((epoch + 1) * per_epoch, total)  # steps begin+1..end
+        epoch_start, line_start = step, step
+        epoch_sums = line_sums = 0
+        t_epoch = t_line = time.time()
+        batches = data.epoch(args.batch_size, data_gen)  # a resumed run skips its first batches
+        for x, _ in itertools.islice(batches, step - begin, end - begin):
+            losses = train_step(nets, opts, x, args)
+            step += 1
+            epoch_sums = epoch_sums + losses  # on the device: no host sync per step
+            line_sums = line_sums + losses
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
+            if step % args.log_every == 0 or step == end:
+                for name, at in zip(LOSSES, first_bad.tolist()):
+                    need(at < 0, f"{name} became NaN or infinite at step {at}; "
+                         "lower the learning rate or check the data")
+                rate = (step - line_start) / max(time.time() - t_line, 1e-9)
+                progress(epoch + 1, step, total, line_sums / (step - line_start), rate, args)
+                line_sums, line_start, t_line = 0, step, time.time()
+        train_seconds = time.time() - t_epoch  # training only, no evaluation
+
+        # the epoch's end (or --steps): a metrics.csv row, the checkpoint, the figures
+        row = {"epoch": round(step / per_epoch, 3),
+               "step": step,
+               "steps_per_s": (step - epoch_start) / train_seconds,
+               "seconds": round(seconds + time.time() - t_start, 1),  # over resumes too
+               **dict(zip(LOSSES, (epoch_sums / (step - epoch_start)).tolist())),
+               **evaluate(nets, ctx, args)}
+        common.append_metrics(os.path.join(folder, "metrics.csv"), row)
+        data_rng = epoch_rng if step % per_epoch else data_gen.get_state()  # mid-epoch: replay it
+        save_checkpoint(folder, args, step, row["seconds"], nets, opts, data_rng)
+        save_figures(nets, ctx, args, folder, row)
+
+    wall, n = time.time() - t_start, step - first_step
+    peak = ""
+    if args.device != "cpu":
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated(args.device) / 2 ** 20:.0f} MiB"
+    print(f"done: {n} steps in {wall:.1f} s ({n / max(wall, 1e-9):.2f} steps/s){peak}, "
+          f"run folder {folder}", flush=True)
+    return folder
 # ==================================== (end of the plumbing) ====================================
+
 
 
 if __name__ == "__main__":
