@@ -1,14 +1,15 @@
 """Speed benchmark: steps/s, images/s and peak memory of each script's training step.
 
-Each case runs the real script in a subprocess for 2·N steps with a progress line every N steps; the last
-line's steps/s (measured over that interval only) is the warm speed, so start-up, data loading, the first
-steps (allocator, cuDNN autotune) and the figures written at the end are not in the figure. Peak memory is
-the CUDA peak the script prints, or on the CPU the child's peak resident set (os.wait4's rusage).
+Each case runs the real script in a subprocess for 2·N steps with a progress line every N steps;
+the last line's steps/s (measured over that interval only) is the warm speed, so start-up, data
+loading, the first steps (allocator, cuDNN autotune) and the figures written at the end are not in
+the figure. Peak memory is the CUDA peak the script prints, or on the CPU the child's peak resident
+set (os.wait4's rusage).
 
     python benchmark.py --device cpu  --data-root /tmp/mnist --steps 20
     python benchmark.py --device cuda --data-root /tmp/mnist --steps 200 --only unrolled_infogan
     python benchmark.py --count-ops      # aten calls per unrolled_infogan.py step, K = 0, 5, 10
-    python benchmark.py --time-steps --device cuda   # seconds per unrolled_infogan.py step, K = 0, 5, 7, 10, in process
+    python benchmark.py --time-steps --device cuda   # s per unrolled_infogan.py step, K = 0-10
 """
 import argparse
 import os
@@ -20,7 +21,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# (name, script, batch size, extra flags): each script at its defaults (the papers' widths), and the lab scale
+# (name, script, batch size, extra flags): each script at its defaults (the papers' widths), and
+# the lab scale
 CASES = [
     ("infogan", "infogan.py", 64, []),
     ("unrolled_infogan k0", "unrolled_infogan.py", 64, ["--k", "0"]),
@@ -32,59 +34,93 @@ CASES = [
     ("lab unrolled_infogan k5", "unrolled_infogan.py", 64, ["--k", "5", "--width", "0.25"]),
     ("lab unrolled_infogan k7", "unrolled_infogan.py", 64, ["--k", "7", "--width", "0.25"]),
     ("lab unrolled_infogan k10", "unrolled_infogan.py", 64, ["--k", "10", "--width", "0.25"]),
-    ("lab unrolled_infogan k10 first-order", "unrolled_infogan.py", 64, ["--k", "10", "--first-order", "--width", "0.25"]),
+    ("lab unrolled_infogan k10 first-order", "unrolled_infogan.py", 64,
+     ["--k", "10", "--first-order", "--width", "0.25"]),
     ("unrolled_infogan ring k0", "unrolled_infogan.py", 512, ["--dataset", "ring", "--k", "0"]),
     ("unrolled_infogan ring k10", "unrolled_infogan.py", 512, ["--dataset", "ring", "--k", "10"]),
     ("beta_vae sprites", "beta_vae.py", 64, ["--dataset", "sprites"]),
-    ("vae_gan sprites (width 0.125)", "vae_gan.py", 32, ["--dataset", "sprites", "--width", "0.125"]),
-    ("vae_infogan sprites k3 (width 16)", "vae_infogan.py", 32, ["--dataset", "sprites", "--k", "3", "--width", "16"]),
+    ("vae_gan sprites (width 0.125)", "vae_gan.py", 32,
+     ["--dataset", "sprites", "--width", "0.125"]),
+    ("vae_infogan sprites k3 (width 16)", "vae_infogan.py", 32,
+     ["--dataset", "sprites", "--k", "3", "--width", "16"]),
 ]
 
 
 def run_case(script, batch, flags, args, out_dir):
-    cmd = [sys.executable, os.path.join(HERE, script), *flags, "--device", args.device, "--data-root", args.data_root,
-           "--batch-size", str(batch), "--steps", str(2 * args.steps), "--log-every", str(args.steps),
-           "--out", out_dir, "--seed", "1"]
+    """(warm steps/s or None, 'peak memory; wall') of one script run, or (None, why it failed)."""
+    cmd = [sys.executable, os.path.join(HERE, script), *flags,
+           "--device", args.device,
+           "--data-root", args.data_root,
+           "--batch-size", str(batch),
+           "--steps", str(2 * args.steps),
+           "--log-every", str(args.steps),
+           "--out", out_dir,
+           "--seed", "1"]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out_dir)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=out_dir)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        return None, f"failed (rc {proc.returncode}): {output.strip().splitlines()[-1] if output.strip() else ''}"
-    rates = re.findall(r"([\d.]+) steps/s", "\n".join(l for l in output.splitlines() if not l.startswith("done")))
+        last = output.strip().splitlines()[-1] if output.strip() else ""
+        return None, f"failed (rc {proc.returncode}): {last}"
+    progress = "\n".join(line for line in output.splitlines() if not line.startswith("done"))
+    rates = re.findall(r"([\d.]+) steps/s", progress)
     gpu = re.search(r"peak GPU memory ([\d.]+) MiB", output)
-    mem = f"{float(gpu.group(1)):.0f} MiB (GPU)" if gpu else f"{usage.ru_maxrss / 1024:.0f} MiB (RSS)"
-    return (float(rates[-1]) if rates else None), f"{mem}; {time.time() - t0:.0f} s wall"
+    if gpu:
+        mem = f"{float(gpu.group(1)):.0f} MiB (GPU)"
+    else:
+        mem = f"{usage.ru_maxrss / 1024:.0f} MiB (RSS)"
+    rate = float(rates[-1]) if rates else None
+    return rate, f"{mem}; {time.time() - t0:.0f} s wall"
+
+
+def script_args(U, k, first_order, device, width):
+    """unrolled_infogan.py's parsed flags for one MNIST case, with K as a number (not a list)."""
+    flags = ["--k", str(k), "--device", device, "--width", str(width)]
+    if first_order:
+        flags.append("--first-order")
+    args = U.parse_args(flags)
+    args.k = k
+    return args
 
 
 def count_ops(k, first_order, device, width=1.0):
-    """What bounds eager speed on a GPU: the aten calls one unrolled_infogan.py MNIST step dispatches (nested calls
-    included), counted with torch.profiler on random images of batch 64, after two warm-up steps."""
+    """What bounds eager speed on a GPU: the aten calls one unrolled_infogan.py MNIST step
+    dispatches (nested calls included), counted with torch.profiler on random images of batch 64,
+    after two warm-up steps."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     import unrolled_infogan as U
-    args = U.parse_args(["--k", str(k), "--device", device, "--width", str(width)] + (["--first-order"] if first_order else []))
-    args.k = k
+    args = script_args(U, k, first_order, device, width)
     torch.manual_seed(0)
-    nets, opts = U.build(args, (1, 28, 28))  # the script's own MNIST models and optimizers, default flags
+    nets, opts = U.build(args, (1, 28, 28))  # the script's own MNIST models and optimizers
     x = torch.rand(64, 1, 28, 28, device=device) * 2 - 1
     for _ in range(2):
         U.train_step(nets, opts, x, args)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         U.train_step(nets, opts, x, args)
     events = prof.key_averages()
-    heavy = ("aten::addmm", "aten::mm", "aten::bmm", "aten::convolution", "aten::convolution_backward")
-    return sum(e.count for e in events if e.key.startswith("aten::")), sum(e.count for e in events if e.key in heavy)
+    heavy = ("aten::addmm", "aten::mm", "aten::bmm", "aten::convolution",
+             "aten::convolution_backward")
+    n_aten = sum(e.count for e in events if e.key.startswith("aten::"))
+    n_heavy = sum(e.count for e in events if e.key in heavy)
+    return n_aten, n_heavy
 
 
 def time_steps(k, first_order, device, width=1.0, steps=20):
-    """Seconds per unrolled_infogan.py MNIST step (batch 64, random images, default flags), in this process, after
-    three warm-up steps (allocator, cuDNN autotune)."""
+    """Seconds per unrolled_infogan.py MNIST step (batch 64, random images, default flags), in this
+    process, after three warm-up steps (allocator, cuDNN autotune)."""
     import torch
     import unrolled_infogan as U
-    args = U.parse_args(["--k", str(k), "--device", device, "--width", str(width)] + (["--first-order"] if first_order else []))
-    args.k, sync = k, (torch.cuda.synchronize if device.startswith("cuda") else lambda: None)
+
+    def sync():
+        """Wait for the GPU's queued work (nothing to wait for on the CPU)."""
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    args = script_args(U, k, first_order, device, width)
     torch.manual_seed(0)
     nets, opts = U.build(args, (1, 28, 28))
     x = torch.rand(64, 1, 28, 28, device=device) * 2 - 1
@@ -99,16 +135,24 @@ def time_steps(k, first_order, device, width=1.0, steps=20):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", help="device passed to every script (default: %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="device passed to every script (default: %(default)s)")
     p.add_argument("--data-root", default="./data", help="MNIST root (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="steps per measured interval, after as many warm-up steps (default: %(default)s)")
-    p.add_argument("--only", default="", help="run only cases whose name contains this text (default: all)")
-    p.add_argument("--markdown", default=None, help="also write the table to this file (default: none)")
-    p.add_argument("--count-ops", action="store_true", help="instead, count the aten calls of one unrolled_infogan.py "
-                   "MNIST step per K (what bounds eager speed on a GPU)")
-    p.add_argument("--time-steps", action="store_true", help="instead, time unrolled_infogan.py MNIST steps per K in this "
-                   "process, and the time a sequential 15-epoch sweep K = 0, 5, 7, 10 would take")
-    p.add_argument("--width", type=float, default=1.0, help="network width for --count-ops and --time-steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20,
+                   help="steps per measured interval, after as many warm-up steps "
+                        "(default: %(default)s)")
+    p.add_argument("--only", default="",
+                   help="run only cases whose name contains this text (default: all)")
+    p.add_argument("--markdown", default=None,
+                   help="also write the table to this file (default: none)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="instead, count the aten calls of one unrolled_infogan.py MNIST step per K "
+                        "(what bounds eager speed on a GPU)")
+    p.add_argument("--time-steps", action="store_true",
+                   help="instead, time unrolled_infogan.py MNIST steps per K in this process, and "
+                        "the time a sequential 15-epoch sweep K = 0, 5, 7, 10 would take")
+    p.add_argument("--width", type=float, default=1.0,
+                   help="network width for --count-ops and --time-steps (default: %(default)s)")
     args = p.parse_args(argv)
     if args.steps < 1:
         sys.exit(f"error: --steps must be >= 1 (got {args.steps})")
@@ -117,25 +161,32 @@ def main(argv=None):
         sweep = 0.0
         for k, first_order in ((0, False), (5, False), (7, False), (10, False), (10, True)):
             t = time_steps(k, first_order, args.device, args.width, args.steps)
-            sweep += 0 if first_order else t * 15 * 937
-            print(f"| K = {k}{', first-order' if first_order else ''} | {t:.4f} | {1 / t:.1f} |", flush=True)
-        print(f"a 15-epoch sweep --k 0 5 7 10 (4 x 14,055 steps) would train for {sweep / 60:.0f} min")
+            if not first_order:
+                sweep += t * 15 * 937  # 15 epochs of 937 steps
+            name = f"K = {k}, first-order" if first_order else f"K = {k}"
+            print(f"| {name} | {t:.4f} | {1 / t:.1f} |", flush=True)
+        print(f"a 15-epoch sweep --k 0 5 7 10 (4 x 14,055 steps) would train for "
+              f"{sweep / 60:.0f} min")
         return
     if args.count_ops:
         print("| unrolled_infogan MNIST step | aten calls | matmul/conv calls |\n|---|---:|---:|")
         for k, first_order in ((0, False), (5, False), (10, False), (10, True)):
             n, heavy = count_ops(k, first_order, args.device, args.width)
-            print(f"| K = {k}{', first-order' if first_order else ''} | {n} | {heavy} |", flush=True)
+            name = f"K = {k}, first-order" if first_order else f"K = {k}"
+            print(f"| {name} | {n} | {heavy} |", flush=True)
         return
     args.data_root = os.path.abspath(args.data_root)
     lines = ["| case | steps/s | images/s | peak memory; wall |", "|---|---:|---:|---|"]
-    print(lines[0], lines[1], sep="\n", flush=True)
+    print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as out_dir:
         for name, script, batch, flags in CASES:
             if args.only not in name:
                 continue
             rate, info = run_case(script, batch, flags, args, out_dir)
-            row = f"| {name} | {rate:.2f} | {rate * batch:.0f} | {info} |" if rate else f"| {name} | - | - | {info} |"
+            if rate:
+                row = f"| {name} | {rate:.2f} | {rate * batch:.0f} | {info} |"
+            else:
+                row = f"| {name} | - | - | {info} |"
             lines.append(row)
             print(row, flush=True)
     if args.markdown:

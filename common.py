@@ -3,14 +3,14 @@
 Every model, loss, training loop, metric and checkpoint lives in its own script (CleanRL-style: the
 duplication between scripts is deliberate, see README.md). This file only
 
-* loads data as tensors that live on the run's device (no DataLoader workers: batches are slices of a
-  random permutation), with one-line errors when data is missing or corrupt;
+* loads data as tensors that live on the run's device (no DataLoader workers: batches are slices
+  of a random permutation), with one-line errors when data is missing or corrupt;
 * renders a dSprites-like dataset with known factors on the fly (``sprites``);
 * samples the 2-D toy mixtures of the Unrolled GAN paper (``ring``, ``grid``);
 * saves image grids (with row/column labels), traversal grids, scatter rows and metric curves.
 
-Pixel range: every image dataset yields float images in [0, 1], or in [-1, 1] (2x - 1) when a script with a
-tanh generator loads it with ``signed=True``.
+Pixel range: every image dataset yields float images in [0, 1], or in [-1, 1] (2x - 1) when a
+script with a tanh generator loads it with ``signed=True``.
 """
 import contextlib
 import csv
@@ -39,24 +39,30 @@ def die(message):
 # Tensor datasets: the whole dataset on the device, batches by index
 # ------------------------------------------------------------------------------------------------
 class Indexed:
-    """A dataset whose batches are made from indices on the device: `batch(idx)` and `__len__` from the subclass."""
+    """A dataset whose batches are made from indices on the device: `batch(idx)` and `__len__`
+    from the subclass."""
 
     def steps_per_epoch(self, batch_size):
         return len(self) // batch_size
 
     def epoch(self, batch_size, generator):
-        """One pass in random order (drawn on the CPU, copied to the device once); the last incomplete batch is dropped."""
+        """One pass in random order (drawn on the CPU, copied to the device once); the last
+        incomplete batch is dropped."""
         perm = torch.randperm(len(self), generator=generator).to(self.device)
         for i in range(len(self) // batch_size):
             yield self.batch(perm[i * batch_size:(i + 1) * batch_size])
 
 
 class TensorData(Indexed):
-    """Images stored as uint8 (N, C, H, W) on the device, with optional labels (N,) or factors (N, F).
-    Batches are floats in [0, 1], or in [-1, 1] when signed (for a tanh generator)."""
+    """Images stored as uint8 (N, C, H, W) on the device, with optional labels (N,) or factors
+    (N, F). Batches are floats in [0, 1], or in [-1, 1] when signed (for a tanh generator)."""
 
     def __init__(self, images, labels=None, name="", signed=False):
-        self.images, self.labels, self.name, self.signed, self.device = images, labels, name, signed, images.device
+        self.images = images
+        self.labels = labels
+        self.name = name
+        self.signed = signed
+        self.device = images.device
 
     def __len__(self):
         return self.images.shape[0]
@@ -66,7 +72,8 @@ class TensorData(Indexed):
         return tuple(self.images.shape[1:])
 
     def batch(self, idx):
-        """Float images (B, C, H, W) in [0, 1] (or [-1, 1]) and their labels (or None) for an index tensor."""
+        """Float images (B, C, H, W) in [0, 1] (or [-1, 1]) and their labels (or None) for an
+        index tensor."""
         x = self.images[idx].float().div_(255)
         x = x.mul_(2).sub_(1) if self.signed else x
         return x, (None if self.labels is None else self.labels[idx])
@@ -80,42 +87,55 @@ def load_mnist(root, device, train=True, signed=False):
         try:
             ds = torchvision.datasets.MNIST(root, train=train, download=False)
         except RuntimeError:  # not on disk: try to download it, quietly
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            quiet_stdout = contextlib.redirect_stdout(io.StringIO())
+            quiet_stderr = contextlib.redirect_stderr(io.StringIO())
+            with quiet_stdout, quiet_stderr:
                 ds = torchvision.datasets.MNIST(root, train=train, download=True)
     except Exception as e:  # no network, truncated download, ...
-        die(f"MNIST ({split}) not found in {root}/MNIST/raw and the download failed ({type(e).__name__}). "
+        reason = type(e).__name__
+        die(f"MNIST ({split}) not found in {root}/MNIST/raw and the download failed ({reason}). "
             f"Put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
             f"t10k-labels-idx1-ubyte in ROOT/MNIST/raw/ and pass --data-root ROOT")
     n, h, w = ds.data.shape
     if ds.data.dtype != torch.uint8 or (h, w) != (28, 28) or ds.targets.shape != (n,) or n == 0:
-        die(f"MNIST ({split}) in {root}/MNIST/raw is corrupt: images {tuple(ds.data.shape)} {ds.data.dtype}, "
-            f"labels {tuple(ds.targets.shape)}; delete that folder and supply the original files")
+        found = f"images {tuple(ds.data.shape)} {ds.data.dtype}, labels {tuple(ds.targets.shape)}"
+        die(f"MNIST ({split}) in {root}/MNIST/raw is corrupt: {found}; "
+            f"delete that folder and supply the original files")
     if int(ds.targets.min()) < 0 or int(ds.targets.max()) > 9:
         die(f"MNIST ({split}) in {root}/MNIST/raw is corrupt: labels outside 0-9")
-    return TensorData(ds.data.unsqueeze(1).to(device), ds.targets.long().to(device), "mnist", signed)
+    images = ds.data.unsqueeze(1).to(device)  # (N, 1, 28, 28)
+    labels = ds.targets.long().to(device)
+    return TensorData(images, labels, "mnist", signed)
 
 
 def find_images(root):
-    """Image files of a folder in the CelebA layout (ROOT/img_align_celeba/*.jpg), or of ROOT itself."""
+    """Image files of a folder in the CelebA layout (ROOT/img_align_celeba/*.jpg), or of ROOT
+    itself."""
     root = os.path.abspath(os.path.expanduser(root))
-    for folder in (os.path.join(root, "celeba", "img_align_celeba"), os.path.join(root, "img_align_celeba"), root):
+    candidates = (os.path.join(root, "celeba", "img_align_celeba"),
+                  os.path.join(root, "img_align_celeba"),
+                  root)
+    for folder in candidates:
         if os.path.isdir(folder):
             files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
             if files:
                 return [os.path.join(folder, f) for f in files]
-    die(f"no images (.jpg/.png) found in {root}/img_align_celeba or {root}. CelebA's aligned images "
-        f"(img_align_celeba.zip) are on the dataset's page (mmlab.ie.cuhk.edu.hk/projects/CelebA.html) "
-        f"or Kaggle; unzip it under ROOT and pass --data-root ROOT (any folder of face images works)")
+    die(f"no images (.jpg/.png) found in {root}/img_align_celeba or {root}. "
+        f"CelebA's aligned images (img_align_celeba.zip) are on the dataset's page "
+        f"(mmlab.ie.cuhk.edu.hk/projects/CelebA.html) or Kaggle; unzip it under ROOT and pass "
+        f"--data-root ROOT (any folder of face images works)")
 
 
 def load_image_folder(root, device, size=64, limit=None, signed=False):
-    """Colour images of a folder, centre-cropped (at most 148 px, as usual for CelebA) and resized to size²."""
+    """Colour images of a folder, centre-cropped (at most 148 px, as usual for CelebA) and
+    resized to size²."""
     files = find_images(root)[:limit]
     out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
     for i, path in enumerate(files):
         try:
             with PIL.Image.open(path) as im:
-                img = torchvision.transforms.functional.pil_to_tensor(im.convert("RGB"))  # (3, H, W) uint8
+                rgb = im.convert("RGB")
+                img = torchvision.transforms.functional.pil_to_tensor(rgb)  # (3, H, W) uint8
         except Exception as e:
             die(f"cannot decode image {path} ({type(e).__name__}); remove it or replace it")
         crop = min(img.shape[1], img.shape[2], 148)
@@ -171,27 +191,34 @@ class Sprites(Indexed):
         f = factors.to(self.device)
         scale = 0.5 + 0.1 * f[:, 1].float()  # 0.5, 0.6, ..., 1.0
         theta = 2 * math.pi * f[:, 2].float() / self.SIZES[2]
-        cx = 0.2 + 0.6 * f[:, 3].float() / (self.SIZES[3] - 1)  # centres keep the shape inside the frame
+        # centres keep the shape inside the frame
+        cx = 0.2 + 0.6 * f[:, 3].float() / (self.SIZES[3] - 1)
         cy = 0.2 + 0.6 * f[:, 4].float() / (self.SIZES[4] - 1)
         r = (0.16 * scale)[:, None, None]
         dx, dy = self.px - cx[:, None, None], self.py - cy[:, None, None]
         cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-        u, v = (cos * dx + sin * dy) / r, (-sin * dx + cos * dy) / r  # shape frame, rotated by theta
+        # the shape's frame, rotated by theta
+        u = (cos * dx + sin * dy) / r
+        v = (-sin * dx + cos * dy) / r
         square = torch.maximum(u.abs(), v.abs()) <= 0.8
         ellipse = u ** 2 + (v / 0.5) ** 2 <= 1
-        a, b = 1.1 * u, 0.15 - 1.1 * v  # heart curve (a² + b² - 1)³ - a² b³ <= 0, point down the image
+        # heart curve (a² + b² - 1)³ - a² b³ <= 0, point down the image
+        a = 1.1 * u
+        b = 0.15 - 1.1 * v
         heart = (a ** 2 + b ** 2 - 1) ** 3 - a ** 2 * b ** 3 <= 0
         s = f[:, 0][:, None, None]
         img = torch.where(s == 0, square, torch.where(s == 1, ellipse, heart)).float().unsqueeze(1)
         return img.mul_(2).sub_(1) if self.signed else img
 
     def batch(self, idx):
-        """Images (B, 1, 64, 64) in {0, 1} (or {-1, 1}) and their factor indices (B, 5), for indices on the device."""
+        """Images (B, 1, 64, 64) in {0, 1} (or {-1, 1}) and their factor indices (B, 5), for
+        indices on the device."""
         f = self.factors(idx)
         return self.render(f), f
 
     def eval_set(self, n, seed=0):
-        """A fixed evaluation set of n random combinations (the same for every run with this seed)."""
+        """A fixed evaluation set of n random combinations (the same for every run with this
+        seed)."""
         g = torch.Generator().manual_seed(seed)
         return self.batch(torch.randperm(self.combinations, generator=g)[:n].to(self.device))
 
@@ -205,7 +232,8 @@ class ToyData:
 
     def __init__(self, name, device, std=0.02, steps=500):
         if name == "ring":
-            angles = 2 * math.pi * torch.arange(8, dtype=torch.float32) / 8  # not linspace: 8 distinct
+            # not linspace: 8 distinct angles
+            angles = 2 * math.pi * torch.arange(8, dtype=torch.float32) / 8
             modes = 2.0 * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
         elif name == "grid":
             g = torch.arange(-4.0, 5.0, 2.0)
@@ -221,7 +249,8 @@ class ToyData:
         return (2,)
 
     def sample(self, n, generator):
-        """n points (n, 2) and the index of the mode each came from (n,), drawn on the CPU, copied once."""
+        """n points (n, 2) and the index of the mode each came from (n,), drawn on the CPU,
+        copied once."""
         k = torch.randint(len(self.modes), (n,), generator=generator).to(self.modes.device)
         noise = torch.randn(n, 2, generator=generator).to(self.modes.device)
         return self.modes[k] + self.std * noise, k
@@ -233,7 +262,8 @@ class ToyData:
         """An epoch's batches, all drawn at its start (one copy to the device, none per batch)."""
         points, k = self.sample(self.steps * batch_size, generator)
         for i in range(self.steps):
-            yield points[i * batch_size:(i + 1) * batch_size], k[i * batch_size:(i + 1) * batch_size]
+            rows = slice(i * batch_size, (i + 1) * batch_size)
+            yield points[rows], k[rows]
 
 
 def fixed_images(data, n, seed):
@@ -247,7 +277,8 @@ def fixed_images(data, n, seed):
 
 
 def load_data(name, root, device, train=True, signed=False, image_size=64, limit=None):
-    """One entry point for every dataset a script accepts (see ``DATASETS``); signed: images in [-1, 1]."""
+    """One entry point for every dataset a script accepts (see ``DATASETS``); signed: images in
+    [-1, 1]."""
     if name == "mnist":
         return load_mnist(root, device, train, signed)
     if name in ("sprites", "squares"):
@@ -262,14 +293,17 @@ def load_data(name, root, device, train=True, signed=False, image_size=64, limit
 # ------------------------------------------------------------------------------------------------
 # Figures
 # ------------------------------------------------------------------------------------------------
-def save_grid(images, path, nrow, row_labels=None, col_labels=None, title=None, xlabel=None, ylabel=None):
-    """Save images (N, C, H, W) in [0, 1] as a grid of nrow columns, with optional row/column labels."""
+def save_grid(images, path, nrow, row_labels=None, col_labels=None, title=None, xlabel=None,
+              ylabel=None):
+    """Save images (N, C, H, W) in [0, 1] as a grid of nrow columns, with optional row/column
+    labels."""
     images = images.detach().float().cpu().clamp(0, 1)
     pad = 2
     grid = torchvision.utils.make_grid(images, nrow=nrow, padding=pad, pad_value=1.0)
     rows, (h, w) = math.ceil(images.shape[0] / nrow), images.shape[2:]
     fig, ax = plt.subplots(figsize=(max(3.0, nrow * 0.55 + 1), max(3.0, rows * 0.55 + 1)))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray" if images.shape[1] == 1 else None, vmin=0, vmax=1)
+    cmap = "gray" if images.shape[1] == 1 else None
+    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap=cmap, vmin=0, vmax=1)
     ax.set_xticks([pad + j * (w + pad) + w / 2 for j in range(nrow)] if col_labels else [])
     ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(rows)] if row_labels else [])
     if col_labels:
@@ -289,12 +323,16 @@ def save_grid(images, path, nrow, row_labels=None, col_labels=None, title=None, 
     _save(fig, path)
 
 
-def save_traversal(images, path, values, row_labels=None, title=None, xlabel="code value", ylabel=None):
-    """Save a traversal grid: images (R, C, ch, H, W), one row per row label, column j at values[j]."""
+def save_traversal(images, path, values, row_labels=None, title=None, xlabel="code value",
+                   ylabel=None):
+    """Save a traversal grid: images (R, C, ch, H, W), one row per row label, column j at
+    values[j]."""
     r, c = images.shape[:2]
     assert len(values) == c, (len(values), c)
-    save_grid(images.reshape(r * c, *images.shape[2:]), path, nrow=c, row_labels=row_labels,
-              col_labels=[f"{float(v):+.1f}" for v in values], title=title, xlabel=xlabel, ylabel=ylabel)
+    cells = images.reshape(r * c, *images.shape[2:])  # (R * C, ch, H, W), row by row
+    col_labels = [f"{float(v):+.1f}" for v in values]
+    save_grid(cells, path, nrow=c, row_labels=row_labels, col_labels=col_labels, title=title,
+              xlabel=xlabel, ylabel=ylabel)
 
 
 def save_scatter_rows(rows, path, modes=None, lim=None, title=None):
@@ -329,14 +367,16 @@ def save_scatter_rows(rows, path, modes=None, lim=None, title=None):
 
 
 def save_scatter_history(folder, label, points, title, modes):
-    """Add points (N, 2) under label to folder/ring_samples.pt and draw the last 8 such snapshots as one row of
-    folder/fig03_scatter.png (Fig 3), the mixture's modes marked."""
+    """Add points (N, 2) under label to folder/ring_samples.pt and draw the last 8 such snapshots
+    as one row of folder/fig03_scatter.png (Fig 3), the mixture's modes marked."""
     path = os.path.join(folder, "ring_samples.pt")
     snapshots = torch.load(path, weights_only=True) if os.path.exists(path) else {}
     snapshots[label] = points.detach().cpu()
     torch.save(snapshots, path)
-    save_scatter_rows({title: list(snapshots.items())[-8:]}, os.path.join(folder, "fig03_scatter.png"), modes=modes.cpu(),
-                      lim=1.4 * float(modes.abs().max()))
+    last_8 = list(snapshots.items())[-8:]
+    figure = os.path.join(folder, "fig03_scatter.png")
+    lim = 1.4 * float(modes.abs().max())
+    save_scatter_rows({title: last_8}, figure, modes=modes.cpu(), lim=lim)
 
 
 def append_metrics(path, row):
@@ -346,11 +386,19 @@ def append_metrics(path, row):
         w = csv.DictWriter(f, fieldnames=list(row))
         if new:
             w.writeheader()
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        w.writerow({k: cell(v) for k, v in row.items()})
+
+
+def cell(value):
+    """A metrics.csv cell: a float in 6 significant digits, NaN (no value) as an empty cell."""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return value
 
 
 def truncate_metrics(path, step):
-    """Drop the rows of a metrics CSV written after `step` (by a run interrupted before its checkpoint)."""
+    """Drop the rows of a metrics CSV written after `step` (by a run interrupted before its
+    checkpoint)."""
     if os.path.exists(path):
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
@@ -362,26 +410,33 @@ def truncate_metrics(path, step):
 def read_metrics(path):
     """Rows of a metrics CSV as dicts of floats (empty cells become nan)."""
     with open(path, newline="") as f:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    return [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in rows]
 
 
-def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=False, upto=math.inf):
-    """Curves of metrics.csv columns. runs: a CSV path, or {label: csv_path} to overlay runs (Fig 12), or
-    {label: [csv_paths]} for the mean over runs (seeds) with a min-max band; rows after step `upto` are left out."""
+def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=False,
+                 upto=math.inf):
+    """Curves of metrics.csv columns. runs: a CSV path, or {label: csv_path} to overlay runs
+    (Fig 12), or {label: [csv_paths]} for the mean over runs (seeds) with a min-max band; rows
+    after step `upto` are left out."""
     runs = {"": runs} if isinstance(runs, (str, os.PathLike)) else runs
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, csv_paths in runs.items():
-        tables = [[r for r in read_metrics(p) if r.get("step", 0) <= upto]
-                  for p in ([csv_paths] if isinstance(csv_paths, (str, os.PathLike)) else csv_paths)]
+        one_csv = isinstance(csv_paths, (str, os.PathLike))
+        paths = [csv_paths] if one_csv else csv_paths
+        tables = [[r for r in read_metrics(p) if r.get("step", 0) <= upto] for p in paths]
         n = min(len(t) for t in tables)
         for col in columns:
             if n and col in tables[0][0]:
-                name = " ".join(s for s in (label, col if len(columns) > 1 or not label else "") if s)
+                col_name = col if len(columns) > 1 or not label else ""
+                name = " ".join(s for s in (label, col_name) if s)
                 ys = torch.tensor([[t[i][col] for i in range(n)] for t in tables])  # (runs, rows)
                 xs = [tables[0][i][x] for i in range(n)]
                 line, = ax.plot(xs, ys.mean(0), marker=".", label=name)
                 if len(tables) > 1:
-                    ax.fill_between(xs, ys.min(0).values, ys.max(0).values, color=line.get_color(), alpha=0.2)
+                    lows = ys.min(0).values
+                    highs = ys.max(0).values
+                    ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2)
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel or (columns[0] if len(columns) == 1 else "value"))
     if logy:
@@ -428,8 +483,8 @@ def save_matrix(matrix, path, row_labels, col_labels, title=None):
     m = torch.as_tensor(matrix).detach().float().cpu()
     fig, ax = plt.subplots(figsize=(1.1 * m.shape[1] + 2.2, 0.42 * m.shape[0] + 1.4))
     ax.imshow(m.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    for (i, j), v in zip(torch.cartesian_prod(torch.arange(m.shape[0]), torch.arange(m.shape[1])).tolist(),
-                         m.flatten().tolist()):
+    cells = torch.cartesian_prod(torch.arange(m.shape[0]), torch.arange(m.shape[1])).tolist()
+    for (i, j), v in zip(cells, m.flatten().tolist()):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                 color="white" if v > 0.5 else "black")
     ax.set_xticks(range(m.shape[1]))

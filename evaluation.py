@@ -1,20 +1,24 @@
 """Measuring what the GAN scripts generate (infogan.py, unrolled_infogan.py), and comparing runs.
 
-The report judges disentanglement by eye and by L_I alone; a low L_I can come from a generator that draws no
-digits. So every epoch also measures, on latents fixed once (the same for every run, seed and K):
+The report judges disentanglement by eye and by L_I alone; a low L_I can come from a generator that
+draws no digits. So every epoch also measures, on latents fixed once (the same for every run, seed
+and K):
 * the categorical code as a classifier of the real test digits (Hungarian-matched accuracy);
-* mode coverage of 10,000 samples, named by a small CNN digit classifier that the project trains itself
-  (cached beside the data): digit classes covered and the KL of their histogram to uniform, as the Unrolled
-  GAN, VEEGAN and PacGAN evaluations count modes; the share of samples the classifier is confident about;
-* for each continuous code, how strongly it drives three properties of the drawn digit, measured from image
-  moments (slant, stroke thickness, width), how often it changes the digit, and one "one property, and only
-  one" number (purity);
+* mode coverage of 10,000 samples, named by a small CNN digit classifier that the project trains
+  itself (cached beside the data): digit classes covered and the KL of their histogram to uniform,
+  as the Unrolled GAN, VEEGAN and PacGAN evaluations count modes; the share of samples the
+  classifier is confident about;
+* for each continuous code, how strongly it drives three properties of the drawn digit, measured
+  from image moments (slant, stroke thickness, width), how often it changes the digit, and one
+  "one property, and only one" number (purity);
 * on the ring/grid, the mode metrics of VEEGAN / PacGAN.
 One copy serves both scripts, so a number means the same thing in every run it is compared across.
+A metric that is undefined for a generator (a KL over an empty histogram) is NaN, never inf.
 
-    python evaluation.py runs/SWEEP_s1 runs/SWEEP_s2 runs/SWEEP_s3 --out DIR   # one table over seeds
+    python evaluation.py runs/SWEEP_s1 runs/SWEEP_s2 runs/SWEEP_s3 --out DIR  # one table, 3 seeds
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,7 +32,8 @@ import torch.nn.functional as F
 import common
 
 PROPERTIES = ("slant", "thickness", "width")
-EPOCHS = 3  # classifier training epochs (batch 128 digits + 32 non-digits, Adam lr 1e-3 decayed linearly to 0)
+# classifier training epochs (batch 128 digits + 32 non-digits, Adam lr 1e-3 decayed linearly to 0)
+EPOCHS = 3
 N_COVERAGE = 10_000  # samples for mode coverage
 N_TRAVERSAL = 100  # base latents per code traversal
 VALUES = torch.linspace(-2, 2, 5)  # values a continuous code takes in a traversal
@@ -37,16 +42,26 @@ VERSION = 1  # of the classifier cache: raise it when the classifier or PROPERTI
 
 
 class Classifier(nn.Sequential):
-    """conv3x3 16-ReLU-maxpool → conv3x3 32-ReLU-maxpool → FC128-ReLU → FC10: (B, 1, 28, 28) in [-1, 1] → logits.
-    Weights ~ U(±1/sqrt(fan_in)) (PyTorch's default bound) from a generator seeded 0. Trained to give uniform
-    probabilities on non-digits too (outlier exposure), so that noise is not read confidently as a digit.
-    Buffer `stds` holds the standard deviations of PROPERTIES over the real test digits (set when trained)."""
+    """conv3x3 16-ReLU-maxpool → conv3x3 32-ReLU-maxpool → FC128-ReLU → FC10:
+    (B, 1, 28, 28) in [-1, 1] → logits.
+    Weights ~ U(±1/sqrt(fan_in)) (PyTorch's default bound) from a generator seeded 0. Trained to
+    give uniform probabilities on non-digits too (outlier exposure), so that noise is not read
+    confidently as a digit. Buffer `stds` holds the standard deviations of PROPERTIES over the real
+    test digits (set when trained)."""
 
     def __init__(self):
-        with torch.device("meta"):  # built without drawing from the global RNG, then initialised below
-            super().__init__(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                             nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+        with torch.device("meta"):  # built without drawing from the global RNG; initialised below
+            super().__init__(
+                nn.Conv2d(1, 16, 3, padding=1),  # (B, 16, 28, 28)
+                nn.ReLU(),
+                nn.MaxPool2d(2),  # (B, 16, 14, 14)
+                nn.Conv2d(16, 32, 3, padding=1),  # (B, 32, 14, 14)
+                nn.ReLU(),
+                nn.MaxPool2d(2),  # (B, 32, 7, 7)
+                nn.Flatten(),
+                nn.Linear(32 * 7 * 7, 128),
+                nn.ReLU(),
+                nn.Linear(128, 10))  # (B, 10)
         self.to_empty(device="cpu")
         self.register_buffer("stds", torch.ones(len(PROPERTIES)))
         self.accuracy = math.nan  # fraction of the real test digits classified right
@@ -60,25 +75,43 @@ class Classifier(nn.Sequential):
 
 
 def not_digits(n, generator):
-    """n images (n, 1, 28, 28) in [-1, 1] that show no digit: uniform noise or checkerboards in blocks of 1, 2, 4
-    or 7 px (a quarter each), each scaled to a random ink level in [0, 1]."""
+    """n images (n, 1, 28, 28) in [-1, 1] that show no digit: uniform noise or checkerboards in
+    blocks of 1, 2, 4 or 7 px (a quarter each), each scaled to a random ink level in [0, 1]."""
     out = []
     for k in (1, 2, 4, 7):
-        m, s = n // 4, 28 // k
+        m = n // 4  # images of this block size
+        s = 28 // k  # blocks per side
         ink = torch.rand(m, 1, s, s, generator=generator)
         i = torch.arange(s)
-        board = ((i[:, None] + i + torch.randint(2, (m, 1, 1, 1), generator=generator)) % 2).float()
+        phase = torch.randint(2, (m, 1, 1, 1), generator=generator)
+        board = ((i[:, None] + i + phase) % 2).float()
         ink = torch.where(torch.rand(m, 1, 1, 1, generator=generator) < 0.5, ink, board)
-        out.append(F.interpolate(ink * torch.rand(m, 1, 1, 1, generator=generator), scale_factor=k))
+        level = torch.rand(m, 1, 1, 1, generator=generator)
+        out.append(F.interpolate(ink * level, scale_factor=k))
     return torch.cat(out) * 2 - 1
 
 
+def save_atomically(obj, path):
+    """torch.save to a temporary file beside path (named with the pid), then rename it onto path,
+    so that two runs writing at once leave one whole file, never a mix of both."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def load_classifier(data_root, device, steps=None):
-    """The digit classifier in eval mode, from <data_root>/MNIST/digit_classifier.pt when that file was made
-    from the same training data (and VERSION); otherwise trained (EPOCHS epochs, or `steps` steps) and cached there."""
-    path = os.path.join(os.path.abspath(os.path.expanduser(data_root)), "MNIST", "digit_classifier.pt")
+    """The digit classifier in eval mode, from <data_root>/MNIST/digit_classifier.pt when that file
+    was made from the same training data (and VERSION); otherwise trained (EPOCHS epochs, or
+    `steps` steps) and cached there."""
+    root = os.path.abspath(os.path.expanduser(data_root))
+    path = os.path.join(root, "MNIST", "digit_classifier.pt")
     train = common.load_mnist(data_root, device, train=True, signed=True)
-    # fingerprint: number of training images and the integer sum of the first 1,000 images' uint8 pixels
+    # fingerprint: number of training images, integer sum of the first 1,000 images' uint8 pixels
     fingerprint = (len(train), int(train.images[:1000].sum()))
     model = Classifier()
     try:
@@ -89,17 +122,21 @@ def load_classifier(data_root, device, steps=None):
             return model.to(device).eval()
     except Exception:  # missing, unreadable or from another version: retrain
         pass
-    start, model = time.time(), model.to(device).train()
+    start = time.time()
+    model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g, batch = torch.Generator().manual_seed(0), min(128, len(train))  # g: batch order
-    total, step = EPOCHS * train.steps_per_epoch(batch) if steps is None else steps, 0
+    g = torch.Generator().manual_seed(0)  # the batch order
+    batch = min(128, len(train))
+    total = EPOCHS * train.steps_per_epoch(batch) if steps is None else steps
+    step = 0
     while step < total:
         for x, y in train.epoch(batch, g):
             for group in opt.param_groups:
                 group["lr"] = 1e-3 * (1 - step / total)
-            logits = model(torch.cat([x, not_digits(32, g).to(x.device)]))
-            # cross-entropy on the digits + 0.5 x cross-entropy of the non-digits to uniform, each a batch mean
-            loss = F.cross_entropy(logits[:len(x)], y) - 0.5 * F.log_softmax(logits[len(x):], 1).mean()
+            noise = not_digits(32, g).to(x.device)
+            digit_logits, noise_logits = model(torch.cat([x, noise])).split([len(x), len(noise)])
+            # cross-entropy on the digits + 0.5 x cross-entropy of the non-digits to uniform (means)
+            loss = F.cross_entropy(digit_logits, y) - 0.5 * F.log_softmax(noise_logits, 1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -109,57 +146,70 @@ def load_classifier(data_root, device, steps=None):
     model.eval()
     test = common.load_mnist(data_root, device, train=False, signed=True)
     with torch.no_grad():
-        chunks = [test.batch(i)[0] for i in torch.arange(len(test), device=test.images.device).split(1000)]
+        order = torch.arange(len(test), device=test.images.device)
+        chunks = [test.batch(i)[0] for i in order.split(1000)]
         pred = torch.cat([model(x).argmax(1) for x in chunks])
-        model.stds.copy_(torch.cat([properties(x) for x in chunks]).std(0))  # per property, over the test digits
+        # each property's s.d. over the test digits
+        model.stds.copy_(torch.cat([properties(x) for x in chunks]).std(0))
     model.accuracy = (pred == test.labels).float().mean().item()
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    cache = {"state": state, "accuracy": model.accuracy, "version": VERSION, "n_train": fingerprint[0],
-             "pixel_sum": fingerprint[1]}
+    cache = {"state": state, "accuracy": model.accuracy, "version": VERSION,
+             "n_train": fingerprint[0], "pixel_sum": fingerprint[1]}
     where = f"cached at {path}"
     try:
-        torch.save(cache, path)
+        save_atomically(cache, path)
     except Exception as e:
         where = "not cached"
-        print(f"warning: cannot write {path} ({type(e).__name__}); the classifier will be retrained next time")
+        print(f"warning: cannot write {path} ({type(e).__name__}); "
+              "the classifier will be retrained next time")
     print(f"training the digit classifier ... test accuracy {100 * model.accuracy:.2f}% "
           f"in {time.time() - start:.0f} s, {where}")
     return model
 
 
 def properties(images):
-    """(B, 3) properties of the digits in images (B, 1, H, W) in [-1, 1], from the ink I = (x + 1) / 2 in [0, 1].
-    Moments use pixel coordinates, x to the right and y down; mu_pq = sum I dx^p dy^q / sum I (central, px^(p+q)).
-    slant = -mu11 / mu02: horizontal shift per pixel upwards, > 0 when the top leans right (dimensionless);
-    thickness = stroke thickness in px, from area A = sum I (px²) and perimeter P = sum sqrt(dx² + dy²) (px,
-      finite differences of I): a strip of length L and thickness t has A = L t, P = 2 (L + t), so
-      t = (P / 4)(1 - sqrt(1 - 16 A / P²)) (strokes under 2 px that straddle a pixel boundary read thicker);
-    width = sqrt(mu20 - mu11² / mu02): horizontal spread in px after removing the slant (a shear)."""
+    """(B, 3) properties of the digits in images (B, 1, H, W) in [-1, 1], from the ink
+    I = (x + 1) / 2 in [0, 1]. Moments use pixel coordinates, x to the right and y down;
+    mu_pq = sum I dx^p dy^q / sum I (central, px^(p+q)).
+    slant = -mu11 / mu02: horizontal shift per pixel upwards, > 0 when the top leans right
+      (dimensionless);
+    thickness = stroke thickness in px, from area A = sum I (px²) and perimeter
+      P = sum sqrt(dx² + dy²) (px, finite differences of I): a strip of length L and thickness t
+      has A = L t, P = 2 (L + t), so t = (P / 4)(1 - sqrt(1 - 16 A / P²)) (strokes under 2 px that
+      straddle a pixel boundary read thicker);
+    width = sqrt(mu20 - mu11² / mu02): horizontal spread in px, the slant (a shear) removed."""
     ink = (images[:, 0].float() + 1) / 2  # (B, H, W)
     y = torch.arange(ink.shape[1], dtype=ink.dtype, device=ink.device)[:, None]
     x = torch.arange(ink.shape[2], dtype=ink.dtype, device=ink.device)
     area = ink.sum((1, 2))
 
-    def mean(f):  # ink-weighted mean over each image, (B, 1, 1)
+    def mean(f):
+        """Ink-weighted mean of f over each image, (B, 1, 1)."""
         return (ink * f).sum((1, 2), keepdim=True) / area.clamp_min(EPS)[:, None, None]
 
-    dx, dy = x - mean(x), y - mean(y)
-    mu20, mu02, mu11 = (mean(f).flatten() for f in (dx * dx, dy * dy, dx * dy))
+    dx = x - mean(x)
+    dy = y - mean(y)
+    mu20 = mean(dx * dx).flatten()
+    mu02 = mean(dy * dy).flatten()
+    mu11 = mean(dx * dy).flatten()
     slant = -mu11 / mu02.clamp_min(EPS)
     width = (mu20 - mu11 ** 2 / mu02.clamp_min(EPS)).clamp_min(0).sqrt()
     p = F.pad(ink, (1, 1, 1, 1))  # zero border, so every edge of the ink counts
-    gx, gy = p[:, :-1, 1:] - p[:, :-1, :-1], p[:, 1:] - p[:, :-1]  # (H+1, W+1) and (H+1, W+2) differences
-    # each horizontal difference paired with the vertical one at its left end and at its right end, averaged
-    # (one-sided pairs alone would give mirror-image strokes different perimeters)
-    perimeter = ((gx ** 2 + gy[:, :, :-1] ** 2).sqrt() + (gx ** 2 + gy[:, :, 1:] ** 2).sqrt()).sum((1, 2)) / 2
-    perimeter = perimeter.clamp_min(EPS)
+    gx = p[:, :-1, 1:] - p[:, :-1, :-1]  # (B, H+1, W+1) horizontal differences
+    gy = p[:, 1:] - p[:, :-1]  # (B, H+1, W+2) vertical differences
+    gy_left = gy[:, :, :-1]  # the vertical difference at each horizontal one's left end
+    gy_right = gy[:, :, 1:]  # and at its right end
+    # each horizontal difference paired with the vertical one at its left end and at its right
+    # end, averaged (one-sided pairs alone would give mirror-image strokes different perimeters)
+    edges = (gx ** 2 + gy_left ** 2).sqrt() + (gx ** 2 + gy_right ** 2).sqrt()
+    perimeter = (edges.sum((1, 2)) / 2).clamp_min(EPS)
     thickness = perimeter / 4 * (1 - (1 - 16 * area / perimeter ** 2).clamp_min(0).sqrt())
     return torch.stack([slant, thickness, width], 1)
 
 
 @torch.no_grad()
 def generate(G, latents, chunk=1000):
-    """G's images for latents (N, D), in chunks, with G in eval mode (its previous mode is restored)."""
+    """G's images for latents (N, D), in chunks, with G in eval mode (then back in its own mode)."""
     was_training = G.training
     G.eval()
     try:
@@ -169,13 +219,18 @@ def generate(G, latents, chunk=1000):
 
 
 def class_coverage(counts, n):
-    """(classes, kl) of a histogram counts (K,) of the confidently classified among n samples: classes = number of
-    classes holding at least 10% of their uniform share (count >= 0.1 n / K); kl = KL(p || uniform) = sum p log(K p)
-    in nats of p = counts / counts.sum() (0 balanced, log K one class, inf when no sample was confident)."""
+    """(classes, kl) of a histogram counts (K,) of the confidently classified among n samples:
+    classes = number of classes holding at least 10% of their uniform share (count >= 0.1 n / K);
+    kl = KL(p || uniform) = sum p log(K p) in nats of p = counts / counts.sum() (0 balanced, log K
+    one class); NaN when no sample was confident: an empty histogram has no KL (classes = 0 then
+    says the generator covers no mode)."""
     counts = counts.double()
+    classes = int((counts >= 0.1 * n / len(counts)).sum())
+    if counts.sum() == 0:
+        return classes, math.nan
     p = counts / counts.sum().clamp_min(1)
-    kl = (p * (p * len(p)).clamp_min(1e-300).log()).sum().item() if counts.sum() > 0 else math.inf  # 0 log 0 = 0
-    return int((counts >= 0.1 * n / len(counts)).sum()), kl
+    kl = (p * (p * len(p)).clamp_min(1e-300).log()).sum().item()  # 0 log 0 = 0
+    return classes, kl
 
 
 def top_property(row, j):
@@ -184,57 +239,76 @@ def top_property(row, j):
 
 
 class Evaluator:
-    """Mode coverage and per-code property effects of a generator, on latents fixed at construction."""
+    """Mode coverage and per-code property effects of a generator, on latents fixed once."""
 
-    def __init__(self, data_root, device, n_noise=62, n_cat=10, n_cont=2, classifier=None, stds=None):
-        self.device, self.n_cat, self.n_cont = torch.device(device), n_cat, n_cont
-        self.classifier = (load_classifier(data_root, device) if classifier is None else classifier)
-        self.classifier = self.classifier.to(self.device).eval()
-        self.stds = torch.as_tensor(self.classifier.stds if stds is None else stds).float().to(self.device)
+    def __init__(self, data_root, device, n_noise=62, n_cat=10, n_cont=2, classifier=None,
+                 stds=None):
+        self.device = torch.device(device)
+        self.n_cat = n_cat
+        self.n_cont = n_cont
+        if classifier is None:
+            classifier = load_classifier(data_root, device)
+        self.classifier = classifier.to(self.device).eval()
+        if stds is None:
+            stds = self.classifier.stds
+        self.stds = torch.as_tensor(stds).float().to(self.device)
         g = torch.Generator().manual_seed(0)
         # coverage set: z ~ N(0, I), c_cat uniform, c_cont ~ U(-1, 1)
-        z, c = torch.randn(N_COVERAGE, n_noise, generator=g), torch.randint(n_cat, (N_COVERAGE,), generator=g)
+        z = torch.randn(N_COVERAGE, n_noise, generator=g)
+        c = torch.randint(n_cat, (N_COVERAGE,), generator=g)
         self.latents = self._latent(z, c, torch.rand(N_COVERAGE, n_cont, generator=g) * 2 - 1)
-        # traversal set: N_TRAVERSAL base latents (equally many per categorical value), each repeated for VALUES
+        # traversal set: N_TRAVERSAL base latents (as many per category), each repeated for VALUES
         k = len(VALUES)
         z = torch.randn(N_TRAVERSAL, n_noise, generator=g).repeat_interleave(k, 0)
         c = (torch.arange(N_TRAVERSAL) % n_cat).repeat_interleave(k)
         cont = (torch.rand(N_TRAVERSAL, n_cont, generator=g) * 2 - 1).repeat_interleave(k, 0)
-        self.traversals = []  # per code j: (N_TRAVERSAL * k, D), code j set to VALUES (fastest), the rest kept
+        self.traversals = []  # per code j: (N_TRAVERSAL * k, D), code j set to VALUES (fastest)
         for j in range(n_cont):
             cc = cont.clone()
             cc[:, j] = VALUES.repeat(N_TRAVERSAL)
             self.traversals.append(self._latent(z, c, cc))
 
     def _latent(self, z, c_cat, c_cont):
+        """Generator input (N, D): noise, one-hot category, continuous codes, on the device."""
         return torch.cat([z, F.one_hot(c_cat, self.n_cat).float(), c_cont], 1).to(self.device)
 
     @torch.no_grad()
     def _probs(self, images):
+        """The classifier's class probabilities (N, 10) for images, in chunks."""
         return torch.cat([F.softmax(self.classifier(x), 1) for x in images.split(1000)])
 
     def __call__(self, G):
-        """A metrics row (dict of floats) for generator G; see the module docstring and the comments."""
+        """A metrics row (dict of floats) for generator G; see the module docstring and the
+        comments. kl_uniform is NaN when no sample is confident (see class_coverage)."""
         conf, pred = self._probs(generate(G, self.latents)).max(1)
-        # modes: the digits of the samples the classifier is sure of (max probability >= 0.9; noise is not)
-        classes, kl = class_coverage(torch.bincount(pred[conf >= 0.9], minlength=10), N_COVERAGE)
-        row = {"classes": float(classes), "kl_uniform": kl,
-               "confident_pct": 100 * (conf >= 0.9).float().mean().item()}  # % of samples with max prob >= 0.9
+        sure = conf >= 0.9  # modes: the digits of the samples the classifier is sure of (not noise)
+        classes, kl = class_coverage(torch.bincount(pred[sure], minlength=10), N_COVERAGE)
+        row = {"classes": float(classes),
+               "kl_uniform": kl,
+               "confident_pct": 100 * sure.float().mean().item()}  # % with max prob >= 0.9
         v = VALUES.to(self.device)
         vc = v - v.mean()
+        span = v[-1] - v[0]
         for j, latents in enumerate(self.traversals, 1):
             images = generate(G, latents)
             props = properties(images).view(N_TRAVERSAL, len(v), len(PROPERTIES))
             digit = self._probs(images).argmax(1).view(N_TRAVERSAL, len(v))
-            slope = (props * vc[:, None]).sum(1) / vc.pow(2).sum()  # (M, 3) least-squares slope per unit of code
-            # effect: |mean slope| x (v_max - v_min), in standard deviations of the real test digits
-            effect = slope.mean(0).abs() * (v[-1] - v[0]) / self.stds.clamp_min(EPS)
-            switch = (digit[:, 0] != digit[:, -1]).float().mean().item()  # fraction of traversals changing digit
-            row.update({f"c{j}_{name}": e for name, e in zip(PROPERTIES, effect.tolist())})
+            slope = (props * vc[:, None]).sum(1) / vc.pow(2).sum()  # (M, 3) least squares, per unit
+            # effect: |mean slope| x (v_max - v_min), in standard deviations of the real digits
+            effect = slope.mean(0).abs() * span / self.stds.clamp_min(EPS)
+            first_digit = digit[:, 0]
+            last_digit = digit[:, -1]
+            # the fraction of traversals that change the digit
+            switch = (first_digit != last_digit).float().mean().item()
+            for name, e in zip(PROPERTIES, effect.tolist()):
+                row[f"c{j}_{name}"] = e
             row[f"c{j}_switch"] = switch
-            # purity: share of the largest effect in the sum of the three, x fraction keeping the digit; 0 for a code
-            # that moves no property by a quarter of its spread over real digits (the share would be a ratio of noise)
-            share = (effect.max() / effect.sum().clamp_min(EPS)).item() if effect.max() >= 0.25 else 0.0
+            # purity: share of the largest effect in the sum of the three, x fraction keeping the
+            # digit; 0 for a code that moves no property by a quarter of its spread over real
+            # digits (the share would be a ratio of noise)
+            share = 0.0
+            if effect.max() >= 0.25:
+                share = (effect.max() / effect.sum().clamp_min(EPS)).item()
             row[f"c{j}_purity"] = share * (1 - switch)
         return row
 
@@ -244,8 +318,8 @@ class Evaluator:
 # ------------------------------------------------------------------------------------------------
 def hungarian_accuracy(pred, labels, n_cat, n_classes=10):
     """Accuracy of categories `pred` against `labels` under the best one-to-one category→class map
-    (n_cat <= n_classes). Exact assignment by a DP over subsets of classes: best[mask] is the largest
-    number of hits when categories 0..popcount(mask)-1 take the classes in mask."""
+    (n_cat <= n_classes). Exact assignment by a DP over subsets of classes: best[mask] is the
+    largest number of hits when categories 0..popcount(mask)-1 take the classes in mask."""
     counts = torch.bincount(pred.cpu() * n_classes + labels.cpu(), minlength=n_cat * n_classes)
     counts = counts.view(n_cat, n_classes).tolist()
     best = [-1] * (1 << n_classes)
@@ -257,60 +331,91 @@ def hungarian_accuracy(pred, labels, n_cat, n_classes=10):
         for c in range(n_classes):
             if not mask >> c & 1:
                 best[mask | 1 << c] = max(best[mask | 1 << c], best[mask] + counts[k][c])
-    return max(b for m, b in enumerate(best) if bin(m).count("1") == n_cat) / max(len(labels), 1)
+    full = [b for m, b in enumerate(best) if bin(m).count("1") == n_cat]
+    return max(full) / max(len(labels), 1)
 
 
 @torch.no_grad()
 def test_accuracy(D, test, n_cat, batch=1000):
-    """InfoGAN's categorical code as a classifier of the real test digits: argmax of Q's logits (D in eval
-    mode; D returns (logit, q)), categories matched to digits one-to-one (Hungarian)."""
+    """InfoGAN's categorical code as a classifier of the real test digits: argmax of Q's logits
+    (D in eval mode; D returns (logit, q)), categories matched to digits one-to-one (Hungarian)."""
     D.eval()
-    pred = torch.cat([D(test.batch(idx)[0])[1][:, :n_cat].argmax(1)
-                      for idx in torch.arange(len(test), device=test.images.device).split(batch)])
+    pred = []
+    for idx in torch.arange(len(test), device=test.images.device).split(batch):
+        images, _ = test.batch(idx)
+        _, q = D(images)
+        cat_logits = q[:, :n_cat]  # q: categorical logits, then the continuous codes' parameters
+        pred.append(cat_logits.argmax(1))
     D.train()
-    return hungarian_accuracy(pred, test.labels, n_cat)
+    return hungarian_accuracy(torch.cat(pred), test.labels, n_cat)
 
 
 def mode_metrics(samples, modes, std, min_hq=10):
-    """Ring/grid metrics of VEEGAN / PacGAN (on 2,500 samples). A sample is high quality (HQ) when within 3σ
-    of its nearest mode. modes: modes with >= 1 HQ sample; modes10: with >= min_hq HQ samples (the one-sample
-    count is lenient); hq_pct: % of samples that are HQ; reverse_kl: KL(q || uniform) of q, the histogram of
-    HQ samples over the modes (0 = balanced, log M = one mode, inf = no HQ sample)."""
+    """Ring/grid metrics of VEEGAN / PacGAN (on 2,500 samples). A sample is high quality (HQ) when
+    within 3σ of its nearest mode. modes: modes with >= 1 HQ sample; modes10: with >= min_hq HQ
+    samples (the one-sample count is lenient); hq_pct: % of samples that are HQ; reverse_kl:
+    KL(q || uniform) of q, the histogram of HQ samples over the modes (0 = balanced, log M = one
+    mode; NaN when no sample is HQ: an empty histogram has no KL, and modes = 0 says so)."""
     dist, nearest = torch.cdist(samples.float(), modes.float()).min(dim=1)
     hq = dist <= 3 * std
     counts = torch.bincount(nearest[hq], minlength=len(modes)).float().cpu()
     q = counts / counts.sum().clamp_min(1)
-    kl = float((q * (q * len(modes)).log()).nan_to_num(0.0).sum()) if counts.sum() > 0 else math.inf
-    return {"modes": int((counts > 0).sum()), "modes10": int((counts >= min_hq).sum()),
-            "hq_pct": 100.0 * float(hq.float().mean()), "reverse_kl": kl}
+    kl = math.nan
+    if counts.sum() > 0:
+        kl = float((q * (q * len(modes)).log()).nan_to_num(0.0).sum())
+    return {"modes": int((counts > 0).sum()),
+            "modes10": int((counts >= min_hq).sum()),
+            "hq_pct": 100.0 * float(hq.float().mean()),
+            "reverse_kl": kl}
 
 
 # ------------------------------------------------------------------------------------------------
 # Comparing runs: a K sweep, or the same sweep over several seeds
 # ------------------------------------------------------------------------------------------------
-REPORT = {0: (0.14, 0.02), 5: (0.076, 0.006), 7: (0.072, 0.0015), 10: (0.012, 0.0006)}  # the report's Q-loss table
-MNIST_COLUMNS = [("test_acc", "test acc", 100, "{:.1f}%"), ("classes", "classes", 1, "{:.1f}"), ("kl_uniform", "KL", 1, "{:.3f}"),
-                 ("confident_pct", "confident", 1, "{:.1f}%"), ("c1_purity", "c1 purity", 1, "{:.2f}"),
-                 ("c2_purity", "c2 purity", 1, "{:.2f}"), ("c1_switch", "c1 switch", 100, "{:.0f}%"),
-                 ("c2_switch", "c2 switch", 100, "{:.0f}%"), ("li_cont", "L_I cont", 1, "{:.4f}"), ("li_cat", "L_I disc", 1, "{:.4f}")]
-RING_COLUMNS = [("modes", "modes", 1, "{:.1f}"), ("modes10", "modes ≥10", 1, "{:.1f}"), ("hq_pct", "HQ", 1, "{:.1f}%"),
-                ("reverse_kl", "reverse KL", 1, "{:.3f}")]
+# the report's Q-loss table: K → (L_I continuous, L_I discrete)
+REPORT = {0: (0.14, 0.02), 5: (0.076, 0.006), 7: (0.072, 0.0015), 10: (0.012, 0.0006)}
+# (metrics.csv column, header, scale, format)
+MNIST_COLUMNS = [
+    ("test_acc", "test acc", 100, "{:.1f}%"),
+    ("classes", "classes", 1, "{:.1f}"),
+    ("kl_uniform", "KL", 1, "{:.3f}"),
+    ("confident_pct", "confident", 1, "{:.1f}%"),
+    ("c1_purity", "c1 purity", 1, "{:.2f}"),
+    ("c2_purity", "c2 purity", 1, "{:.2f}"),
+    ("c1_switch", "c1 switch", 100, "{:.0f}%"),
+    ("c2_switch", "c2 switch", 100, "{:.0f}%"),
+    ("li_cont", "L_I cont", 1, "{:.4f}"),
+    ("li_cat", "L_I disc", 1, "{:.4f}")]
+RING_COLUMNS = [
+    ("modes", "modes", 1, "{:.1f}"),
+    ("modes10", "modes ≥10", 1, "{:.1f}"),
+    ("hq_pct", "HQ", 1, "{:.1f}%"),
+    ("reverse_kl", "reverse KL", 1, "{:.3f}")]
 
 
 def run_folders(paths):
-    """The run folders (holding config.json and metrics.csv) among paths and their subfolders (sweeps)."""
+    """The run folders (holding config.json and metrics.csv) among paths and their subfolders
+    (sweeps)."""
     found = []
     for path in paths:
-        subs = sorted(os.path.join(path, d) for d in os.listdir(path)) if os.path.isdir(path) else []
+        subs = []
+        if os.path.isdir(path):
+            subs = sorted(os.path.join(path, d) for d in os.listdir(path))
         for d in [path] + subs:
-            if os.path.exists(os.path.join(d, "config.json")) and os.path.exists(os.path.join(d, "metrics.csv")):
+            has_config = os.path.exists(os.path.join(d, "config.json"))
+            if has_config and os.path.exists(os.path.join(d, "metrics.csv")):
                 found.append(d)
     return found
 
 
 def spearman(x, y):
-    """Spearman's rank correlation of two equal-length lists (ties get their mean rank)."""
+    """Spearman's rank correlation of two equal-length lists (ties get their mean rank); NaN when
+    a value is NaN (a metric undefined in some run has no rank)."""
+    if any(math.isnan(value) for value in [*x, *y]):
+        return math.nan
+
     def ranks(v):
+        """The rank of each value of v (0-based), ties at their mean rank."""
         order = sorted(range(len(v)), key=lambda i: v[i])
         r = [0.0] * len(v)
         for value in set(v):
@@ -319,18 +424,22 @@ def spearman(x, y):
             for i in idx:
                 r[i] = mean
         return torch.tensor(r)
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
+
+    rx = ranks(x)
+    ry = ranks(y)
+    rx = rx - rx.mean()
+    ry = ry - ry.mean()
     return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-12))
 
 
 def load_runs(paths):
-    """(config, metrics rows, folder) of every run folder among paths; one-line errors for none, an unreadable or
-    empty one, or runs of different datasets."""
+    """(config, metrics rows, folder) of every run folder among paths; one-line errors for none, an
+    unreadable or empty one, or runs of different datasets."""
     runs = []
     for d in run_folders(paths):
         try:
-            cfg, rows = json.load(open(os.path.join(d, "config.json"))), common.read_metrics(os.path.join(d, "metrics.csv"))
+            cfg = json.load(open(os.path.join(d, "config.json")))
+            rows = common.read_metrics(os.path.join(d, "metrics.csv"))
             dataset = cfg["dataset"]
         except (OSError, ValueError, KeyError) as e:
             common.die(f"{d} is not a readable run folder ({type(e).__name__})")
@@ -340,62 +449,105 @@ def load_runs(paths):
             common.die("the runs are of different datasets")
         runs.append((cfg, rows, d))
     if not runs:
-        common.die(f"no run folders (with config.json and metrics.csv) in {' '.join(map(str, paths))}")
+        where = " ".join(map(str, paths))
+        common.die(f"no run folders (with config.json and metrics.csv) in {where}")
     return runs
 
 
+def stat(values, scale, fmt):
+    """'mean ± s.d.' of scale × values in format fmt (s.d. over seeds, left out for one value)."""
+    text = fmt.format(scale * sum(values) / len(values))
+    if len(values) > 1:
+        sd = fmt.format(scale * float(torch.tensor(values).std()))
+        text += f" ± {sd.rstrip('%')}"
+    return text
+
+
+def run_label(cfg):
+    """A GAN run's legend: its K, and whether the unroll is first-order."""
+    if cfg.get("first_order", False):
+        return f"K={cfg.get('k', 0)} first-order"
+    return f"K={cfg.get('k', 0)}"
+
+
+def last_snapshots(folder):
+    """The last six (step, samples) of a ring/grid run's ring_samples.pt."""
+    snaps = torch.load(os.path.join(folder, "ring_samples.pt"), weights_only=True)
+    return list(snaps.items())[-6:]
+
+
 def compare(paths, out, command):
-    """comparison.md: one row per setting (K, exact or first-order, unroll learning rate), the mean ± s.d. over seeds
-    of each metric at the last step every run reached; on MNIST also each metric's Spearman correlation with K over the
-    exact runs (the report's claim: disentanglement improves with K) and fig12_q_loss.png; on ring/grid, Fig 3."""
+    """comparison.md: one row per setting (K, exact or first-order, unroll learning rate), the
+    mean ± s.d. over seeds of each metric at the last step every run reached; on MNIST also each
+    metric's Spearman correlation with K over the exact runs (the report's claim:
+    disentanglement improves with K) and fig12_q_loss.png; on ring/grid, Fig 3."""
     runs = load_runs(paths)
-    step = min(rows[-1]["step"] for _, rows, _ in runs)  # runs stopped at different steps are compared at the same one
-    runs = sorted([(cfg, [r for r in rows if r["step"] <= step], d) for cfg, rows, d in runs],  # legends in K order
-                  key=lambda run: (run[0].get("first_order", False), run[0].get("k", 0)))
-    ring, groups = runs[0][0]["dataset"] != "mnist", {}
+    # runs stopped at different steps are compared at the same one
+    step = min(rows[-1]["step"] for _, rows, _ in runs)
+    runs = [(cfg, [r for r in rows if r["step"] <= step], d) for cfg, rows, d in runs]
+    # legends in K order
+    runs.sort(key=lambda run: (run[0].get("first_order", False), run[0].get("k", 0)))
+    ring = runs[0][0]["dataset"] != "mnist"
+    groups = {}
     for cfg, rows, d in runs:
-        k = cfg.get("k", 0)  # K = 0 does not unroll: its runs form one group whatever the unroll flags
-        groups.setdefault((k > 0 and cfg.get("first_order", False), k, k and cfg.get("unroll_lr", 0)), []).append((cfg, rows, d))
+        k = cfg.get("k", 0)  # K = 0 does not unroll: its runs form one group whatever the flags
+        setting = (k > 0 and cfg.get("first_order", False), k, k and cfg.get("unroll_lr", 0))
+        groups.setdefault(setting, []).append((cfg, rows, d))
     columns = RING_COLUMNS if ring else MNIST_COLUMNS
-    lines = [f"# {runs[0][0]['dataset']}: {len(runs)} runs, seeds {sorted({c['seed'] for c, _, _ in runs})}", "",
-             f"command: `{command}`", "", f"values at step {step:.0f}, mean ± s.d. over seeds; minutes: wall time of a run to "
-             "there (training, evaluation, figures); steps/s: training only; c1/c2 moves: the property each code moves most",
-             "", "| K | unroll | unroll lr | runs | minutes | steps/s | " + " | ".join(c[1] for c in columns)
-             + ("" if ring else " | c1 moves | c2 moves | report L_I cont | report L_I disc") + " |",
-             "|---" * (6 + len(columns) + 4 * (not ring)) + "|"]
-    stat = lambda values, scale, fmt: (fmt.format(scale * sum(values) / len(values)) + (  # noqa: E731
-        f" ± {fmt.format(scale * float(torch.tensor(values).std())).rstrip('%')}" if len(values) > 1 else ""))
+    header = ["K", "unroll", "unroll lr", "runs", "minutes", "steps/s", *(c[1] for c in columns)]
+    if not ring:
+        header += ["c1 moves", "c2 moves", "report L_I cont", "report L_I disc"]
+    seeds = sorted({c["seed"] for c, _, _ in runs})
+    lines = [f"# {runs[0][0]['dataset']}: {len(runs)} runs, seeds {seeds}", "",
+             f"command: `{command}`", "",
+             f"values at step {step:.0f}, mean ± s.d. over seeds; minutes: wall time of a run to "
+             "there (training, evaluation, figures); steps/s: training only; c1/c2 moves: the "
+             "property each code moves most", "",
+             "| " + " | ".join(header) + " |",
+             "|---" * len(header) + "|"]
     for (first_order, k, lr), members in sorted(groups.items()):
         last = [rows[-1] for _, rows, _ in members]
-        cells = [str(k), "—" if k == 0 else "first-order" if first_order else "exact", f"{lr:g}" if k else "—", str(len(members)),
+        kind = "—" if k == 0 else "first-order" if first_order else "exact"
+        rates = [sum(x["steps_per_s"] for x in rows) / len(rows) for _, rows, _ in members]
+        cells = [str(k),
+                 kind,
+                 f"{lr:g}" if k else "—",
+                 str(len(members)),
                  stat([r["seconds"] / 60 for r in last], 1, "{:.1f}"),
-                 stat([sum(x["steps_per_s"] for x in rows) / len(rows) for _, rows, _ in members], 1, "{:.2f}")]
+                 stat(rates, 1, "{:.2f}")]
         cells += [stat([r[c] for r in last], scale, fmt) for c, _, scale, fmt in columns]
         if not ring:
             mean = {c: sum(r[c] for r in last) / len(last) for c in last[0]}
-            cells += [top_property(mean, 1), top_property(mean, 2), *map(str, REPORT.get(k, ("-", "-")))]
+            cells += [top_property(mean, 1), top_property(mean, 2)]
+            cells += [str(value) for value in REPORT.get(k, ("-", "-"))]
         lines.append("| " + " | ".join(cells) + " |")
     exact = [(cfg["k"], rows[-1]) for cfg, rows, _ in runs if not cfg.get("first_order", True)]
     if not ring and len({k for k, _ in exact}) > 1:
-        lines += ["", "Spearman correlation with K over the exact runs (+1: the metric rises with K, -1: it falls):", "",
-                  "| " + " | ".join(c[1] for c in columns) + " |", "|---" * len(columns) + "|",
-                  "| " + " | ".join(f"{spearman([k for k, _ in exact], [r[c] for _, r in exact]):+.2f}" for c, *_ in columns) + " |"]
+        ks = [k for k, _ in exact]
+        rhos = [f"{spearman(ks, [r[c] for _, r in exact]):+.2f}" for c, *_ in columns]
+        lines += ["",
+                  "Spearman correlation with K over the exact runs (+1: the metric rises with K, "
+                  "-1: it falls):", "",
+                  "| " + " | ".join(c[1] for c in columns) + " |",
+                  "|---" * len(columns) + "|",
+                  "| " + " | ".join(rhos) + " |"]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "comparison.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    label = lambda cfg: f"K={cfg.get('k', 0)}{' first-order' * cfg.get('first_order', False)}"  # noqa: E731
     if ring:
-        snaps = {label(cfg): list(torch.load(os.path.join(d, "ring_samples.pt"), weights_only=True).items())[-6:]
-                 for cfg, _, d in runs if os.path.exists(os.path.join(d, "ring_samples.pt"))}
+        snaps = {run_label(cfg): last_snapshots(d) for cfg, _, d in runs
+                 if os.path.exists(os.path.join(d, "ring_samples.pt"))}
         modes = common.ToyData(runs[0][0]["dataset"], "cpu").modes
-        common.save_scatter_rows(snaps, os.path.join(out, "fig03_scatter.png"), modes=modes, lim=1.4 * float(modes.abs().max()),
+        common.save_scatter_rows(snaps, os.path.join(out, "fig03_scatter.png"), modes=modes,
+                                 lim=1.4 * float(modes.abs().max()),
                                  title="Fig. 3: one row per run")
     else:
         curves = {}
         for cfg, _, d in runs:
-            curves.setdefault(label(cfg), []).append(os.path.join(d, "metrics.csv"))
-        common.plot_metrics(curves, ["li_cont"], os.path.join(out, "fig12_q_loss.png"), ylabel="L_I continuous",
-                            title="Fig. 12: L_I continuous vs step (mean over seeds, band: min-max)", x="step", upto=step)
+            curves.setdefault(run_label(cfg), []).append(os.path.join(d, "metrics.csv"))
+        title = "Fig. 12: L_I continuous vs step (mean over seeds, band: min-max)"
+        common.plot_metrics(curves, ["li_cont"], os.path.join(out, "fig12_q_loss.png"),
+                            ylabel="L_I continuous", title=title, x="step", upto=step)
     print("\n".join(lines), flush=True)
     return lines
 
@@ -495,10 +647,12 @@ def compare_vae(paths, out, command):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Compare run folders of unrolled_infogan.py or infogan.py (a sweep "
-                                "folder stands for its runs): comparison.md and fig12_q_loss.png (Fig 3 on ring/grid).")
+    p = argparse.ArgumentParser(description="Compare run folders of unrolled_infogan.py or "
+                                "infogan.py (a sweep folder stands for its runs): comparison.md "
+                                "and fig12_q_loss.png (Fig 3 on ring/grid).")
     p.add_argument("runs", nargs="+", help="run or sweep folders")
-    p.add_argument("--out", default="comparison", help="folder for comparison.md and the figures (default: %(default)s)")
+    p.add_argument("--out", default="comparison",
+                   help="folder for comparison.md and the figures (default: %(default)s)")
     args = p.parse_args(argv)
     command = "python evaluation.py " + " ".join(sys.argv[1:] if argv is None else argv)
     scripts = {os.path.basename(d).split("__")[0] for d in run_folders(args.runs)}

@@ -1,11 +1,11 @@
-"""Tests: every script run end to end on tiny data in the real on-disk formats, what the shared plumbing
-promises (resume bit for bit, one-line errors, checkpoints that cannot run code, no host traffic inside a
-training step), and the math: finite-difference checks of the unrolled gradient, state restored bit for
-bit, metrics on inputs whose answer is known.
+"""Tests: every script run end to end on tiny data in the real on-disk formats, what the shared
+plumbing promises (resume bit for bit, one-line errors, checkpoints that cannot run code, no host
+traffic inside a training step), and the math: finite-difference checks of the unrolled gradient,
+state restored bit for bit, metrics on inputs whose answer is known.
 
 Run with:  python -m pytest -q test_smoke.py
-The data is made here (a tiny MNIST in the IDX format torchvision reads, a folder of tiny JPEGs in the
-CelebA layout); nothing is downloaded and nothing outside this folder is read.
+The data is made here (a tiny MNIST in the IDX format torchvision reads, a folder of tiny JPEGs in
+the CelebA layout); nothing is downloaded and nothing outside this folder is read.
 """
 import ast
 import copy
@@ -38,14 +38,16 @@ import vae_gan
 import vae_infogan as vi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-torch.set_num_threads(1)  # the tests' own arithmetic is tiny; one thread per process keeps two cores free of contention
+# the tests' own arithmetic is tiny; one thread per process keeps two cores free of contention
+torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------------------------
 # Tiny data in the real formats, and helpers
 # ------------------------------------------------------------------------------------------------
 def write_idx(path, array, magic):
-    """Write a uint8 tensor in the IDX format (big-endian header: magic, then one int per dimension)."""
+    """Write a uint8 tensor in the IDX format (big-endian header: magic, then one int per
+    dimension)."""
     with open(path, "wb") as f:
         f.write(struct.pack(">i", magic))
         for d in array.shape:
@@ -62,23 +64,28 @@ def make_mnist(root, n_train=256, n_test=128, seed=0):
         labels = torch.arange(n) % 10
         yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
         cx = 6 + 1.6 * labels.float()[:, None, None]
-        img = torch.exp(-((xx - cx) ** 2 + (yy - 14) ** 2) / 18) + 0.1 * torch.rand(n, 28, 28, generator=g)
-        write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), (img.clamp(0, 1) * 255).to(torch.uint8), 2051)
+        blob = torch.exp(-((xx - cx) ** 2 + (yy - 14) ** 2) / 18)
+        img = blob + 0.1 * torch.rand(n, 28, 28, generator=g)
+        pixels = (img.clamp(0, 1) * 255).to(torch.uint8)
+        write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), pixels, 2051)
         write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), labels.to(torch.uint8), 2049)
     return root
 
 
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory):
-    """A data root holding a tiny MNIST (256 train, 128 test) in the IDX format, and its digit classifier."""
+    """A data root holding a tiny MNIST (256 train, 128 test) in the IDX format, and its digit
+    classifier."""
     root = make_mnist(str(tmp_path_factory.mktemp("mnist")))
-    evaluation.load_classifier(root, "cpu", steps=4)  # cached beside the data, as a real run would leave it
+    # cached beside the data, as a real run would leave it
+    evaluation.load_classifier(root, "cpu", steps=4)
     return root
 
 
 @pytest.fixture(scope="session")
 def tiny_celeba(tmp_path_factory):
-    """A data root holding 24 small random JPEGs in the CelebA layout (ROOT/img_align_celeba/*.jpg)."""
+    """A data root holding 24 small random JPEGs in the CelebA layout
+    (ROOT/img_align_celeba/*.jpg)."""
     root = tmp_path_factory.mktemp("celeba")
     (root / "img_align_celeba").mkdir()
     g = torch.Generator().manual_seed(0)
@@ -89,7 +96,8 @@ def tiny_celeba(tmp_path_factory):
 
 
 def run(module, out, *argv):
-    """Run a script in this process on the CPU with --out out; return its new run folder (None if it made none)."""
+    """Run a script in this process on the CPU with --out out; return its new run folder (None if
+    it made none)."""
     before = set(os.listdir(out)) if os.path.isdir(out) else set()
     module.main([str(a) for a in (*argv, "--device", "cpu", "--out", out)])
     new = set(os.listdir(out)) - before
@@ -100,15 +108,18 @@ def run(module, out, *argv):
 def run_script(script, *args, cwd, expect_rc=0, timeout=600):
     """Run a script of this project in a subprocess on the CPU; return the CompletedProcess."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, os.path.join(HERE, script), *map(str, args)]
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     if expect_rc is not None:
-        assert proc.returncode == expect_rc, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        report = f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == expect_rc, report
     return proc
 
 
 def one_line_error(proc):
-    """Assert a run failed with exactly one line on stderr that starts with 'error:' (no traceback)."""
+    """Assert a run failed with exactly one line on stderr that starts with 'error:' (no
+    traceback)."""
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
@@ -116,7 +127,8 @@ def one_line_error(proc):
 
 
 def error_of(module, *argv):
-    """The one-line message module.main stops with (in this process: faster than a subprocess per case)."""
+    """The one-line message module.main stops with (in this process: faster than a subprocess per
+    case)."""
     with pytest.raises(SystemExit) as e:
         module.main([str(a) for a in argv])
     msg = str(e.value)
@@ -149,18 +161,21 @@ def test_mnist_loads_from_idx(tiny_mnist):
     assert len(train) == 256 and len(test) == 128 and train.shape == (1, 28, 28)
     x, y = next(train.epoch(32, torch.Generator().manual_seed(0)))
     assert x.shape == (32, 1, 28, 28) and 0 <= x.min() and x.max() <= 1 and y.dtype == torch.long
-    signed = common.load_mnist(tiny_mnist, "cpu", train=True, signed=True)  # for a tanh generator: exactly 2x - 1
+    # for a tanh generator: exactly 2x - 1
+    signed = common.load_mnist(tiny_mnist, "cpu", train=True, signed=True)
     assert torch.equal(next(signed.epoch(32, torch.Generator().manual_seed(0)))[0], x * 2 - 1)
     # an epoch visits each image once (drop-last), in a different order per seed
     seen = torch.cat([y for _, y in train.epoch(32, torch.Generator().manual_seed(0))])
-    assert len(seen) == 256 and torch.equal(torch.bincount(seen, minlength=10), torch.bincount(train.labels))
+    assert len(seen) == 256
+    assert torch.equal(torch.bincount(seen, minlength=10), torch.bincount(train.labels))
 
 
 def test_mnist_missing_and_corrupt_give_one_line(tmp_path, tiny_mnist):
     with pytest.raises(SystemExit) as e:
         common.load_mnist(str(tmp_path / "nowhere"), "cpu")
     msg = str(e.value)
-    assert msg.startswith("error:") and "nowhere/MNIST/raw" in msg and "--data-root" in msg and "\n" not in msg
+    assert msg.startswith("error:") and "\n" not in msg
+    assert "nowhere/MNIST/raw" in msg and "--data-root" in msg
     bad = tmp_path / "bad"
     make_mnist(str(bad), n_train=20, n_test=20)
     path = bad / "MNIST" / "raw" / "train-images-idx3-ubyte"
@@ -196,8 +211,10 @@ def test_sprites_renders_the_factors_asked_for():
             ex, ey = 64 * (0.2 + 0.6 * px / 31) - 0.5, 64 * (0.2 + 0.6 * py / 31) - 0.5
             tol = 2.5 if shape == 2 else 0.6  # the heart's centroid is off its centre by design
             assert abs(cx - ex) < tol and abs(cy - ey) < tol, (shape, px, py, cx, cy)
-            assert img[0].sum() == img[-1].sum() == img[:, 0].sum() == img[:, -1].sum() == 0  # inside frame
-    # a square is symmetric under a quarter turn, an ellipse is not; 10 orientation steps = 90 degrees
+            # inside the frame: the border rows and columns hold no ink
+            assert img[0].sum() == img[-1].sum() == img[:, 0].sum() == img[:, -1].sum() == 0
+    # a square is symmetric under a quarter turn, an ellipse is not; 10 orientation steps =
+    # 90 degrees
     sq = s.render(torch.tensor([[0, 5, 0, 16, 16], [0, 5, 10, 16, 16]]))
     el = s.render(torch.tensor([[1, 5, 0, 16, 16], [1, 5, 10, 16, 16]]))
     assert (sq[0] != sq[1]).float().sum() <= 8
@@ -207,11 +224,14 @@ def test_sprites_renders_the_factors_asked_for():
 
 def test_toy_ring_has_8_distinct_modes():
     ring = common.ToyData("ring", "cpu")
-    assert ring.modes.shape == (8, 2) and torch.cdist(ring.modes, ring.modes).add(10 * torch.eye(8)).min() > 1.5
+    assert ring.modes.shape == (8, 2)
+    distances = torch.cdist(ring.modes, ring.modes).add(10 * torch.eye(8))  # the diagonal masked
+    assert distances.min() > 1.5
     assert torch.allclose(ring.modes.norm(dim=1), torch.full((8,), 2.0))
     x, k = ring.sample(4000, torch.Generator().manual_seed(0))
     assert (x - ring.modes[k]).norm(dim=1).max() < 0.02 * 6
-    batches = list(ring.epoch(16, torch.Generator().manual_seed(0)))  # an epoch: `steps` batches drawn at its start
+    # an epoch: `steps` batches drawn at its start
+    batches = list(ring.epoch(16, torch.Generator().manual_seed(0)))
     assert len(batches) == ring.steps_per_epoch(16) == 500 and batches[0][0].shape == (16, 2)
     assert common.ToyData("grid", "cpu").modes.shape == (25, 2)
 
@@ -222,9 +242,11 @@ def test_traversal_grid_layout(tmp_path):
     imgs = torch.zeros(rows, cols, 1, 8, 8)
     imgs[1, 2] = 1.0  # one white cell at row 1, column 2
     path = tmp_path / "t.png"
-    common.save_traversal(imgs, str(path), values=torch.linspace(-2, 2, cols), row_labels=list("abc"))
+    values = torch.linspace(-2, 2, cols)
+    common.save_traversal(imgs, str(path), values=values, row_labels=list("abc"))
     assert path.exists() and path.stat().st_size > 0
-    grid = torchvision.utils.make_grid(imgs.reshape(-1, 1, 8, 8), nrow=cols, padding=2, pad_value=1.0)
+    cells = imgs.reshape(-1, 1, 8, 8)
+    grid = torchvision.utils.make_grid(cells, nrow=cols, padding=2, pad_value=1.0)
     # the white cell lands in grid row 1, column 2 of the layout save_grid uses
     cell = grid[0, 2 + 1 * 10:2 + 1 * 10 + 8, 2 + 2 * 10:2 + 2 * 10 + 8]
     assert cell.min() == 1.0 and grid[0, 2:10, 2:10].max() == 0.0
@@ -237,7 +259,8 @@ def test_metrics_csv_round_trip_and_plot(tmp_path):
         common.append_metrics(path, {"epoch": e + 1, "step": 10 * (e + 1), "loss_d": 0.5 / (e + 1)})
     rows = common.read_metrics(path)
     assert [r["epoch"] for r in rows] == [1, 2, 3] and abs(rows[2]["loss_d"] - 0.5 / 3) < 1e-5
-    common.plot_metrics({"a": path, "b": [path, path]}, ["loss_d"], str(tmp_path / "c.png"))  # b: a mean over runs
+    # b: a mean over runs
+    common.plot_metrics({"a": path, "b": [path, path]}, ["loss_d"], str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 0
     common.truncate_metrics(path, 20)  # rows written after a checkpoint at step 20 go on resume
     assert [r["step"] for r in common.read_metrics(path)] == [10, 20]
@@ -396,8 +419,9 @@ def test_resume_continues_bit_for_bit(case, tmp_path):
     rows_a, rows_b = (common.read_metrics(os.path.join(f, "metrics.csv")) for f in (straight, half))
     assert [r["step"] for r in rows_a] == [3, 4] and [r["step"] for r in rows_b] == [2, 3, 4]
     timing = {"seconds", "steps_per_s"}
-    last_a = {k: v for k, v in rows_a[-1].items() if k not in timing}
-    last_b = {k: v for k, v in rows_b[-1].items() if k not in timing}
+    # repr: an empty cell (read as NaN) equals an empty cell
+    last_a = {k: repr(v) for k, v in rows_a[-1].items() if k not in timing}
+    last_b = {k: repr(v) for k, v in rows_b[-1].items() if k not in timing}
     assert last_a == last_b
 
 
@@ -580,7 +604,9 @@ def test_a_non_finite_loss_stops_the_run_naming_step_and_loss(tiny_mnist, tmp_pa
 # ------------------------------------------------------------------------------------------------
 def test_information_losses_are_the_nll_terms():
     g = torch.Generator().manual_seed(0)
-    q, c_cat, c_cont = torch.randn(8, 12, generator=g), torch.randint(10, (8,), generator=g), torch.rand(8, 2, generator=g)
+    q = torch.randn(8, 12, generator=g)
+    c_cat = torch.randint(10, (8,), generator=g)
+    c_cont = torch.rand(8, 2, generator=g)
     li_cat, li_cont = infogan.information_losses(q, c_cat, c_cont, 10)
     assert torch.allclose(li_cat, -torch.log_softmax(q[:, :10], 1)[torch.arange(8), c_cat].mean())
     nll = -torch.distributions.Normal(q[:, 10:], 1.0).log_prob(c_cont).mean()  # Gaussian NLL, σ = 1
@@ -594,12 +620,16 @@ def test_traversal_latents_layout():
         latent, c_cat, cc = infogan.traversal_latents(z, c_cont, code, values, n_cat)
         grid = latent.view(n_cat, len(values), -1)  # (rows, columns, latent)
         rows, cols = torch.meshgrid(torch.arange(n_cat), torch.arange(len(values)), indexing="ij")
-        assert torch.equal(grid[..., n_noise:n_noise + n_cat].argmax(-1), rows)  # c_cat = row index
-        assert torch.equal(grid[..., n_noise:n_noise + n_cat].sum(-1), torch.ones(n_cat, len(values)))  # one-hot
-        assert torch.equal(grid[..., n_noise + n_cat + code], values[cols])  # the varied code = column value
-        assert torch.equal(grid[..., n_noise + n_cat + 1 - code], torch.full((n_cat, 10), float(c_cont[1 - code])))
+        one_hot = grid[..., n_noise:n_noise + n_cat]
+        varied = grid[..., n_noise + n_cat + code]
+        other = grid[..., n_noise + n_cat + 1 - code]
+        assert torch.equal(one_hot.argmax(-1), rows)  # c_cat = row index
+        assert torch.equal(one_hot.sum(-1), torch.ones(n_cat, len(values)))  # one-hot
+        assert torch.equal(varied, values[cols])  # the varied code = column value
+        assert torch.equal(other, torch.full((n_cat, 10), float(c_cont[1 - code])))  # held
         assert torch.equal(grid[..., :n_noise], z.expand(n_cat, len(values), -1))  # noise fixed
-        assert torch.equal(c_cat, rows.flatten()) and torch.equal(cc.view(n_cat, 10, 2)[..., code], values[cols])
+        assert torch.equal(c_cat, rows.flatten())
+        assert torch.equal(cc.view(n_cat, 10, 2)[..., code], values[cols])
 
 
 @pytest.mark.parametrize("width", [1.0, 0.25])
@@ -615,15 +645,22 @@ def test_networks_shapes_and_width(width):
 
 
 # ------------------------------------------------------------------------------------------------
-# The unrolled look-ahead: tiny float64 networks with smooth activations (finite differences disagree across
-# ReLU kinks) and BatchNorm in D (its buffers must come out of the unroll untouched)
+# The unrolled look-ahead: tiny float64 networks with smooth activations (finite differences
+# disagree across ReLU kinks) and BatchNorm in D (its buffers must come out of the unroll
+# untouched)
 # ------------------------------------------------------------------------------------------------
 class TinyD(nn.Module):
     """InfoGAN's layout in miniature: a body with BatchNorm shared by D's head and Q's head."""
 
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.SiLU(), nn.Linear(6, 5), nn.Softplus())
+        self.body = nn.Sequential(
+            nn.Linear(4, 6),
+            nn.BatchNorm1d(6),
+            nn.SiLU(),
+            nn.Linear(6, 5),
+            nn.Softplus(),
+        )
         self.d_head = nn.Linear(5, 1)
         self.q_head = nn.Linear(5, 3 + 1)
 
@@ -633,10 +670,12 @@ class TinyD(nn.Module):
 
 
 def tiny_setup(seed=0, real_steps=3):
-    """Tiny G and D in float64, D's Adam (owning body and d_head, as in the script) stepped a few times."""
+    """Tiny G and D in float64, D's Adam (owning body and d_head, as in the script) stepped a few
+    times."""
     torch.manual_seed(seed)
     G, D = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double(), TinyD().double()
-    opt_d = torch.optim.Adam([*D.body.parameters(), *D.d_head.parameters()], lr=0.05, betas=(0.5, 0.999))
+    d_params = [*D.body.parameters(), *D.d_head.parameters()]
+    opt_d = torch.optim.Adam(d_params, lr=0.05, betas=(0.5, 0.999))
     x = torch.randn(16, 4, dtype=torch.float64) + 1.0
     z = ui.make_latent(torch.randn(16, 2, dtype=torch.float64), torch.arange(16) % 3,
                        torch.rand(16, 1, dtype=torch.float64) * 2 - 1, 3)
@@ -659,7 +698,8 @@ def g_grad(G, D, opt_d, x, z, k, kind, first_order=False):
 def test_exact_unrolled_gradient_matches_finite_differences(kind):
     G, D, opt_d, x, z = tiny_setup()
     k, h = 3, 1e-6  # Adam's normalisation is strongly curved: the O(h²) error is ~1e-6 at h = 1e-5
-    exact, first_order = g_grad(G, D, opt_d, x, z, k, kind), g_grad(G, D, opt_d, x, z, k, kind, first_order=True)
+    exact = g_grad(G, D, opt_d, x, z, k, kind)
+    first_order = g_grad(G, D, opt_d, x, z, k, kind, first_order=True)
     theta = torch.nn.utils.parameters_to_vector(G.parameters()).detach()
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -671,7 +711,8 @@ def test_exact_unrolled_gradient_matches_finite_differences(kind):
         torch.nn.utils.vector_to_parameters(theta, G.parameters())
         fd, ad = (f[0] - f[1]) / (2 * h), float(exact @ u)
         assert abs(fd - ad) <= 1e-5 * abs(fd), (kind, fd, ad)
-        # the first-order ("popular port") gradient is a different vector: it misses eq. (11)'s 2nd term
+        # the first-order ("popular port") gradient is a different vector: it misses eq. (11)'s
+        # 2nd term
         assert abs(float(first_order @ u) - fd) > 1e-3 * abs(fd), (kind, fd, float(first_order @ u))
 
 
@@ -680,7 +721,8 @@ def test_the_look_ahead_leaves_d_bit_for_bit():
     before = copy.deepcopy((D.state_dict(), opt_d.state_dict()))
     for first_order in (False, True):
         g_grad(G, D, opt_d, x, z, 5, "ns", first_order)
-    assert_same(before, (D.state_dict(), opt_d.state_dict()))  # parameters, BatchNorm buffers, Adam's moments and step
+    # parameters, BatchNorm buffers, Adam's moments and step
+    assert_same(before, (D.state_dict(), opt_d.state_dict()))
     assert all(p.grad is None for p in D.parameters())  # nothing leaked into the real D
 
 
@@ -699,19 +741,20 @@ def test_the_information_pass_leaves_ds_buffers_alone():
 
 @pytest.fixture
 def float64_default():
-    """train_step draws its latents in the default dtype: float64 for tiny_setup's nets, restored afterwards."""
+    """train_step draws its latents in the default dtype: float64 for tiny_setup's nets, restored
+    afterwards."""
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
 
 
 def tiny_training(k):
-    """tiny_setup's nets with both optimizers (G's Adam also owns Q's head, as in the scripts), a real batch and the
-    flags train_step reads, for K = k."""
+    """tiny_setup's nets with both optimizers (G's Adam also owns Q's head, as in the scripts), a
+    real batch and the flags train_step reads, for K = k."""
     G, D, opt_d, x, _ = tiny_setup()
     opt_g = torch.optim.Adam([*G.parameters(), *D.q_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
-    args = SimpleNamespace(n_cat=3, n_cont=1, n_noise=2, k=k, unroll_lr=0.05, g_loss="ns", first_order=False,
-                           lambda_cat=1.0, lambda_cont=1.0)
+    args = SimpleNamespace(n_cat=3, n_cont=1, n_noise=2, k=k, unroll_lr=0.05, g_loss="ns",
+                           first_order=False, lambda_cat=1.0, lambda_cont=1.0)
     return {"G": G, "D": D}, {"d": opt_d, "g": opt_g}, x, args
 
 
@@ -723,18 +766,28 @@ def test_train_step_moves_d_by_its_own_step_only(float64_default):
         torch.manual_seed(5)
         losses = ui.train_step(nets, opts, x, args)
         assert torch.isfinite(losses).all()
-        results.append(({n: v for n, v in nets["D"].state_dict().items() if not n.startswith("q_head")},
-                        opts["d"].state_dict(), [p.detach().clone() for p in nets["G"].parameters()]))
+        d_state = {n: v for n, v in nets["D"].state_dict().items() if not n.startswith("q_head")}
+        g_params = [p.detach().clone() for p in nets["G"].parameters()]
+        results.append((d_state, opts["d"].state_dict(), g_params))
     assert_same(results[0][:2], results[1][:2])
     assert not all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))
 
 
-@pytest.mark.parametrize("module, k", [("infogan", 0), ("unrolled_infogan", 0), ("unrolled_infogan", 3)])
+@pytest.mark.parametrize("module, k", [("infogan", 0), ("unrolled_infogan", 0),
+                                       ("unrolled_infogan", 3)])
 def test_the_generator_step_computes_no_gradient_for_d(module, k, float64_default):
-    """After D's real step, backward(inputs=...) computes gradients for G and Q's head only, none for D."""
+    """After D's real step, backward(inputs=...) computes gradients for G and Q's head only, none
+    for D."""
     nets, opts, x, args = tiny_training(k)
     stepped, late, step = [], [], opts["d"].step
-    opts["d"].step = lambda *a, **kw: (step(*a, **kw), stepped.append(True))[0]
+
+    def step_and_note(*a, **kw):
+        """D's real step, noted in `stepped`."""
+        result = step(*a, **kw)
+        stepped.append(True)
+        return result
+
+    opts["d"].step = step_and_note
     for name, p in nets["D"].named_parameters():
         if not name.startswith("q_head"):
             p.register_hook(lambda grad, name=name: late.append(name) if stepped else None)
@@ -749,27 +802,32 @@ def test_k0_is_the_plain_gan_generator_gradient():
         G.zero_grad()
         fake = G(z)
         logit = D(fake)[0]
-        plain = -ui.d_loss(D(x)[0], logit) if kind == "saddle" else F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+        if kind == "saddle":
+            plain = -ui.d_loss(D(x)[0], logit)
+        else:
+            plain = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
         plain.backward()
         assert torch.equal(unrolled, torch.cat([p.grad.reshape(-1) for p in G.parameters()]))
 
 
 def test_unrolled_steps_are_torch_adam():
-    """The differentiable Adam does what torch.optim.Adam does (moments, step count, bias correction)."""
+    """The differentiable Adam does what torch.optim.Adam does (moments, step count, bias
+    correction)."""
     G, D, opt_d, x, z = tiny_setup()
     fake = G(z).detach()
     snap = ui.snapshot_d(D, opt_d)
     assert isinstance(snap, ui.DSnapshot) and snap.step == 3  # tiny_setup's 3 steps of opt_d
     theta = ui.unroll(D, snap, x, fake, 2, 0.05, first_order=True)
     D2 = copy.deepcopy(D)
-    opt2 = torch.optim.Adam([*D2.body.parameters(), *D2.d_head.parameters()], lr=0.05, betas=(0.5, 0.999))
+    d2_params = [*D2.body.parameters(), *D2.d_head.parameters()]
+    opt2 = torch.optim.Adam(d2_params, lr=0.05, betas=(0.5, 0.999))
     opt2.load_state_dict(opt_d.state_dict())
     for _ in range(2):
         opt2.zero_grad()
         ui.d_loss(D2(x)[0], D2(fake)[0]).backward()
         opt2.step()
-    # atol: the bias before BatchNorm has a zero gradient up to rounding (BN cancels it); Adam turns that
-    # rounding noise (~1e-17, different in the two code paths) into moves of ~1e-10
+    # atol: the bias before BatchNorm has a zero gradient up to rounding (BN cancels it); Adam turns
+    # that rounding noise (~1e-17, different in the two code paths) into moves of ~1e-10
     real = torch.nn.utils.parameters_to_vector([*D2.body.parameters(), *D2.d_head.parameters()])
     assert torch.allclose(theta, real, rtol=1e-10, atol=1e-8)
     assert (theta - snap.theta).abs().max() > 1e-2  # and the steps did move D
@@ -779,8 +837,8 @@ def test_unrolled_steps_are_torch_adam():
 
 
 def test_benchmark_counts_more_ops_per_unrolled_step():
-    """benchmark.py --count-ops: each exact unrolled step adds calls (forward, backward, double backward, Adam);
-    the first-order unroll dispatches fewer than the exact one at the same K."""
+    """benchmark.py --count-ops: each exact unrolled step adds calls (forward, backward, double
+    backward, Adam); the first-order unroll dispatches fewer than the exact one at the same K."""
     import benchmark
     n0, n1, n2, n3 = (benchmark.count_ops(k, False, "cpu", width=0.125)[0] for k in (0, 1, 2, 3))
     assert n0 < n1 < n2 < n3 and (n3 - n2) == (n2 - n1)  # each unrolled step adds the same calls
@@ -803,11 +861,13 @@ def test_mnist_sweep_writes_a_comparison(tiny_mnist, tmp_path):
 
 
 def test_ring_sweep_draws_fig3(tmp_path):
-    ui.main(["--dataset", "ring", "--k", "0", "2", "--steps", "3", "--batch-size", "16", "--device", "cpu",
-             "--out", str(tmp_path)])
+    ui.main(["--dataset", "ring", "--k", "0", "2", "--steps", "3", "--batch-size", "16",
+             "--device", "cpu", "--out", str(tmp_path)])
     (sweep,) = tmp_path.iterdir()
-    assert (sweep / "fig03_scatter.png").exists() and "| 2 | exact | 0.0001 | 1 |" in (sweep / "comparison.md").read_text()
-    lines = evaluation.compare([str(sweep), str(sweep)], str(tmp_path / "again"), "test")  # a run given twice: 2 runs
+    assert (sweep / "fig03_scatter.png").exists()
+    assert "| 2 | exact | 0.0001 | 1 |" in (sweep / "comparison.md").read_text()
+    # a run given twice: 2 runs
+    lines = evaluation.compare([str(sweep), str(sweep)], str(tmp_path / "again"), "test")
     assert any(line.startswith("| 0 | — | — | 2 |") for line in lines)
 
 
@@ -823,7 +883,8 @@ THICKNESSES = (1.5, 2.0, 3.0, 4.0, 5.0)
 # ------------------------------------------------------------------------------------------------
 def render(inside, n=1, size=28, ss=16):
     """Images (n, 1, size, size) in [-1, 1]: ink = fraction of ss x ss sample points per pixel where
-    inside(x, y) (tensors (n, size*ss, size*ss)) holds; pixel (i, j) has its centre at x = j, y = i."""
+    inside(x, y) (tensors (n, size*ss, size*ss)) holds; pixel (i, j) has its centre at x = j,
+    y = i."""
     c = (torch.arange(size * ss, dtype=torch.float64) + 0.5) / ss - 0.5
     y, x = torch.meshgrid(c, c, indexing="ij")
     ink = inside(x.expand(n, -1, -1), y.expand(n, -1, -1)).double()
@@ -837,7 +898,8 @@ def col(values):
 
 
 def unshear(x, y, s, cy):
-    """x of the point before a shear by s about row cy: x' = x + s (cy - y), so the top leans right for s > 0."""
+    """x of the point before a shear by s about row cy: x' = x + s (cy - y), so the top leans right
+    for s > 0."""
     return x - s * (cy - y)
 
 
@@ -866,7 +928,8 @@ def props(shape, n):
 # ------------------------------------------------------------------------------------------------
 # Properties
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [bar, ring, lambda s: two_bars(4.0, s)], ids=["bar", "ring", "two_bars"])
+@pytest.mark.parametrize("shape", [bar, ring, lambda s: two_bars(4.0, s)],
+                         ids=["bar", "ring", "two_bars"])
 def test_slant_is_the_shear(shape):
     p = props(shape(list(SHEARS)), len(SHEARS))
     assert torch.allclose(p[:, 0], torch.tensor(SHEARS, dtype=torch.float64), atol=0.03), p[:, 0]
@@ -882,7 +945,8 @@ def test_slant_sign_top_leaning_right_is_positive():
 @pytest.mark.parametrize("cx", [13.5, 13.75, 14.0])
 @pytest.mark.parametrize("shape", [bar, ring], ids=["bar", "ring"])
 def test_thickness_is_the_stroke_thickness(shape, cx):
-    # a 1.5 px stroke centred on a pixel boundary is two half-inked pixels: it reads as 2 px, so it is left out
+    # a 1.5 px stroke centred on a pixel boundary is two half-inked pixels: it reads as 2 px, so it
+    # is left out
     ts = [t for t in THICKNESSES if t >= 2 or cx != 13.5]
     p = props(shape(0.0, ts, cx=cx), len(ts))
     t = torch.tensor(ts, dtype=torch.float64)
@@ -920,15 +984,21 @@ def test_empty_and_full_images_give_finite_properties():
 # Mode coverage
 # ------------------------------------------------------------------------------------------------
 def test_class_coverage_known_histograms():
-    assert evaluation.class_coverage(torch.tensor([0, 0, 0, 500, 0, 0, 0, 0, 0, 0]), 500) == (1, pytest.approx(math.log(10)))
-    assert evaluation.class_coverage(torch.full((10,), 100), 1000) == (10, pytest.approx(0.0, abs=1e-12))
-    counts = torch.tensor([1300] * 7 + [701, 100, 99])  # N = 10,000: a uniform share is 1,000, 10% of it 100
+    one_class = torch.tensor([0, 0, 0, 500, 0, 0, 0, 0, 0, 0])
+    assert evaluation.class_coverage(one_class, 500) == (1, pytest.approx(math.log(10)))
+    uniform = torch.full((10,), 100)
+    assert evaluation.class_coverage(uniform, 1000) == (10, pytest.approx(0.0, abs=1e-12))
+    # N = 10,000: a uniform share is 1,000, 10% of it 100
+    counts = torch.tensor([1300] * 7 + [701, 100, 99])
     classes, kl = evaluation.class_coverage(counts, 10000)
     p = counts / counts.sum()
     assert classes == 9 and kl == pytest.approx(float((p * (10 * p).log()).sum()))
-    # the same confident histogram among 4 times as many samples: 10% of a share is 400, which 8 classes reach
+    # the same confident histogram among 4 times as many samples: 10% of a share is 400, which 8
+    # classes reach
     assert evaluation.class_coverage(counts, 40000)[0] == 8
-    assert evaluation.class_coverage(torch.zeros(10), 10000) == (0, math.inf)  # nothing confident: no mode
+    # nothing confident: no mode
+    classes, kl = evaluation.class_coverage(torch.zeros(10), 10000)
+    assert classes == 0 and math.isnan(kl)  # no confident sample: no histogram, no KL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -939,7 +1009,8 @@ STDS = (0.25, 0.75, 1.15)  # about the real MNIST test digits' standard deviatio
 
 
 class CentreInk(nn.Module):
-    """Digit 1 when the 4 x 2 pixels at the centre hold ink (a bar), digit 0 when they do not (a ring)."""
+    """Digit 1 when the 4 x 2 pixels at the centre hold ink (a bar), digit 0 when they do not (a
+    ring)."""
 
     def forward(self, x):
         m = (x[:, 0, 12:16, 13:15].mean((1, 2)) + 1) / 2  # ink in [0, 1] at the centre
@@ -950,8 +1021,9 @@ class CentreInk(nn.Module):
 
 class FakeG(nn.Module):
     """Draws one stroke from the continuous codes (c1, c2) at the end of the latent; kind:
-    'shear_thick': a bar sheared by 0.1 c1 with thickness 2.5 + 0.5 c2 (codes rounded to 0.1, so that the
-    10,000 coverage samples need few distinct drawings);  'switch': a bar for c1 < 0, a ring otherwise."""
+    'shear_thick': a bar sheared by 0.1 c1 with thickness 2.5 + 0.5 c2 (codes rounded to 0.1, so
+    that the 10,000 coverage samples need few distinct drawings);  'switch': a bar for c1 < 0, a
+    ring otherwise."""
 
     def __init__(self, kind):
         super().__init__()
@@ -962,13 +1034,15 @@ class FakeG(nn.Module):
     def forward(self, latent):
         if self.kind == "switch":
             return torch.where(latent[:, -2, None, None, None] < 0, self.bar, self.ring)
-        codes, inverse = torch.unique((latent[:, -2:].double() * 10).round() / 10, dim=0, return_inverse=True)
+        rounded = (latent[:, -2:].double() * 10).round() / 10
+        codes, inverse = torch.unique(rounded, dim=0, return_inverse=True)
         return render(bar(0.1 * codes[:, 0], 2.5 + 0.5 * codes[:, 1]), len(codes), ss=4)[inverse]
 
 
 @pytest.fixture(scope="module")
 def evaluator():
-    return evaluation.Evaluator("unused", "cpu", N_NOISE, N_CAT, N_CONT, classifier=CentreInk(), stds=STDS)
+    return evaluation.Evaluator("unused", "cpu", N_NOISE, N_CAT, N_CONT, classifier=CentreInk(),
+                                stds=STDS)
 
 
 def test_latent_layout_and_rng(evaluator):
@@ -978,22 +1052,27 @@ def test_latent_layout_and_rng(evaluator):
     assert torch.equal(cat.sum(1), torch.ones(len(cat))) and cat.argmax(1).bincount().min() > 900
     assert evaluator.latents[:, -N_CONT:].abs().max() <= 1
     t = evaluator.traversals[1].view(evaluation.N_TRAVERSAL, len(evaluation.VALUES), d)
-    assert torch.equal(t[:, :, -1], evaluation.VALUES.expand(evaluation.N_TRAVERSAL, -1))  # code 2 moves
+    # code 2 moves
+    assert torch.equal(t[:, :, -1], evaluation.VALUES.expand(evaluation.N_TRAVERSAL, -1))
     assert torch.equal(t[:, :, :-1], t[:, :1, :-1].expand_as(t[:, :, :-1]))  # the rest stays
     assert torch.equal(t[:, 0, N_NOISE:N_NOISE + N_CAT].argmax(1).bincount(), torch.full((10,), 10))
     state = torch.get_rng_state()
-    again = evaluation.Evaluator("unused", "cpu", N_NOISE, N_CAT, N_CONT, classifier=CentreInk(), stds=STDS)
-    assert torch.equal(again.latents, evaluator.latents) and torch.equal(state, torch.get_rng_state())
+    again = evaluation.Evaluator("unused", "cpu", N_NOISE, N_CAT, N_CONT, classifier=CentreInk(),
+                                 stds=STDS)
+    assert torch.equal(again.latents, evaluator.latents)
+    assert torch.equal(state, torch.get_rng_state())
 
 
 def test_shear_code_and_thickness_code(evaluator):
     G = FakeG("shear_thick").train()
     row = evaluator(G)
     assert G.training  # mode restored
-    assert row["classes"] == 1 and row["kl_uniform"] == pytest.approx(math.log(10))  # always a bar: digit 1
+    # always a bar: digit 1
+    assert row["classes"] == 1 and row["kl_uniform"] == pytest.approx(math.log(10))
     assert row["c1_slant"] == pytest.approx(0.4 / STDS[0], rel=0.1)  # slant -0.2 .. 0.2
     assert row["c1_purity"] > 0.8 and row["c1_switch"] == 0
-    assert evaluation.top_property(row, 1) == "slant" and evaluation.top_property(row, 2) == "thickness"
+    assert evaluation.top_property(row, 1) == "slant"
+    assert evaluation.top_property(row, 2) == "thickness"
     assert row["c2_thickness"] == pytest.approx(2.0 / STDS[1], rel=0.1)  # thickness 1.5 .. 3.5
     assert row["c2_purity"] > 0.7
     assert all(isinstance(v, float) for v in row.values())
@@ -1017,7 +1096,8 @@ def test_classifier_is_cached_reloaded_and_retrained(tmp_path, capsys):
 
     again = evaluation.load_classifier(root, "cpu", steps=3)
     assert capsys.readouterr().out == ""  # loaded, not retrained
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    pairs = zip(first.state_dict().values(), again.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert again.accuracy == first.accuracy and not again.training
 
     make_mnist(root, seed=1)  # other training pixels: another fingerprint
@@ -1043,40 +1123,51 @@ def test_classifier_still_returned_when_the_cache_cannot_be_written(tmp_path, ca
     monkeypatch.setattr(evaluation.torch, "save", fail)
     model = evaluation.load_classifier(root, "cpu", steps=2)
     out = capsys.readouterr().out
-    assert "warning: cannot write" in out and "not cached" in out and isinstance(model, evaluation.Classifier)
+    assert "warning: cannot write" in out and "not cached" in out
+    assert isinstance(model, evaluation.Classifier)
 
 
 def brute_force_accuracy(pred, labels, n):
-    return max(sum(int(perm[p]) == int(l) for p, l in zip(pred, labels)) for perm in itertools.permutations(range(n))) / len(labels)
+    """The accuracy of pred's categories mapped to labels by the best of all n! permutations."""
+    hits = (sum(int(perm[p]) == int(l) for p, l in zip(pred, labels))
+            for perm in itertools.permutations(range(n)))
+    return max(hits) / len(labels)
 
 
 def test_hungarian_accuracy_known_answers():
     labels = torch.arange(1000) % 10
     perm = torch.tensor([3, 7, 0, 9, 1, 4, 8, 2, 6, 5])
-    assert evaluation.hungarian_accuracy(perm[labels], labels, 10) == 1.0  # perfect clustering, categories permuted
+    # perfect clustering, categories permuted
+    assert evaluation.hungarian_accuracy(perm[labels], labels, 10) == 1.0
     # two digits share one category: the best one-to-one map gets only one of them right
     pred = perm[labels].clone()
     pred[labels == 9] = perm[4]
     assert evaluation.hungarian_accuracy(pred, labels, 10) == 0.9
     # a constant prediction matches one digit only
     assert evaluation.hungarian_accuracy(torch.zeros(1000, dtype=torch.long), labels, 10) == 0.1
-    # random confusions: the DP equals brute force over all permutations (5 classes), and n_cat < n_classes
+    # random confusions: the DP equals brute force over all permutations (5 classes), and
+    # n_cat < n_classes
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         labels5 = torch.randint(5, (60,), generator=g)
-        pred5 = torch.where(torch.rand(60, generator=g) < 0.5, (labels5 + 2) % 5, torch.randint(5, (60,), generator=g))
-        assert abs(evaluation.hungarian_accuracy(pred5, labels5, 5, n_classes=5) - brute_force_accuracy(pred5, labels5, 5)) < 1e-12
-    assert evaluation.hungarian_accuracy(labels % 4, labels, 4) == 0.4  # 4 categories: digits 0-3 (+4-9 folded in)
+        confused = torch.rand(60, generator=g) < 0.5
+        shifted = (labels5 + 2) % 5
+        anything = torch.randint(5, (60,), generator=g)
+        pred5 = torch.where(confused, shifted, anything)
+        dp = evaluation.hungarian_accuracy(pred5, labels5, 5, n_classes=5)
+        assert abs(dp - brute_force_accuracy(pred5, labels5, 5)) < 1e-12
+    # 4 categories: digits 0-3 (+4-9 folded in)
+    assert evaluation.hungarian_accuracy(labels % 4, labels, 4) == 0.4
 
 
 def test_mode_metrics_on_known_samples():
     ring = common.ToyData("ring", "cpu")
     m, s = ring.modes.double(), ring.std
     direction = torch.tensor([0.6, 0.8], dtype=torch.float64)
-    pts = [m[i].expand(100, 2) for i in range(4)]            # 400 exact hits on modes 0-3
-    pts.append(m[4] + 2.9 * s * direction.expand(5, 2))        # 5 high quality (2.9σ) on mode 4
-    pts.append(m[5] + 3.1 * s * direction.expand(45, 2))       # 45 just outside 3σ of mode 5
-    pts.append(torch.zeros(50, 2, dtype=torch.float64))        # 50 at the centre, far from every mode
+    pts = [m[i].expand(100, 2) for i in range(4)]          # 400 exact hits on modes 0-3
+    pts.append(m[4] + 2.9 * s * direction.expand(5, 2))    # 5 high quality (2.9σ) on mode 4
+    pts.append(m[5] + 3.1 * s * direction.expand(45, 2))   # 45 just outside 3σ of mode 5
+    pts.append(torch.zeros(50, 2, dtype=torch.float64))    # 50 at the centre, far from every mode
     r = evaluation.mode_metrics(torch.cat(pts), m, s)
     assert (r["modes"], r["modes10"]) == (5, 4)
     assert r["hq_pct"] == pytest.approx(100 * 405 / 500)
@@ -1086,44 +1177,57 @@ def test_mode_metrics_on_known_samples():
     assert (uniform["modes"], uniform["modes10"], uniform["hq_pct"]) == (8, 8, 100.0)
     assert uniform["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
     one = evaluation.mode_metrics(m[:1].repeat(20, 1), m, s)
-    assert (one["modes"], one["modes10"]) == (1, 1) and one["reverse_kl"] == pytest.approx(math.log(8), rel=1e-6)
-    assert math.isinf(evaluation.mode_metrics(torch.zeros(7, 2), m, s)["reverse_kl"])
+    assert (one["modes"], one["modes10"]) == (1, 1)
+    assert one["reverse_kl"] == pytest.approx(math.log(8), rel=1e-6)
+    assert math.isnan(evaluation.mode_metrics(torch.zeros(7, 2), m, s)["reverse_kl"])
 
 
 # ------------------------------------------------------------------------------------------------
 # beta_vae.py and vae_gan.py
 # ------------------------------------------------------------------------------------------------
 MODULES = [beta_vae, vae_gan]
-SMALL = {beta_vae: [], vae_gan: ["--width", "0.125"]}  # vae_gan at the paper's width is too slow for a test
+# vae_gan at the paper's width is too slow for a test
+SMALL = {beta_vae: [], vae_gan: ["--width", "0.125"]}
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_kl_matches_closed_form_and_torch_distributions(module):
-    # hand values: N(1, 1) -> 0.5; N(0, e^2) -> 0.5 (e^2 - 2 - 1); N(0, 1) -> 0; each a mean over the batch
+    # hand values: N(1, 1) -> 0.5; N(0, e^2) -> 0.5 (e^2 - 2 - 1); N(0, 1) -> 0; each a mean over
+    # the batch
     mu = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     logvar = torch.tensor([[0.0, 2.0, 0.0], [0.0, 2.0, 0.0]])
-    assert torch.allclose(module.kl_per_latent(mu, logvar), torch.tensor([0.5, 0.5 * (math.e ** 2 - 3), 0.0]), atol=1e-6)
+    by_hand = torch.tensor([0.5, 0.5 * (math.e ** 2 - 3), 0.0])
+    assert torch.allclose(module.kl_per_latent(mu, logvar), by_hand, atol=1e-6)
     g = torch.Generator().manual_seed(0)
-    mu, logvar = torch.randn(64, 10, generator=g, dtype=torch.float64), torch.randn(64, 10, generator=g, dtype=torch.float64)
+    mu = torch.randn(64, 10, generator=g, dtype=torch.float64)
+    logvar = torch.randn(64, 10, generator=g, dtype=torch.float64)
     q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
     p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
-    assert torch.allclose(module.kl_per_latent(mu, logvar), torch.distributions.kl_divergence(q, p).mean(0), atol=1e-12)
+    expected = torch.distributions.kl_divergence(q, p).mean(0)
+    assert torch.allclose(module.kl_per_latent(mu, logvar), expected, atol=1e-12)
 
 
 def test_reconstruction_is_summed_over_pixels_and_averaged_over_batch():
-    # logits 0 -> p = 0.5: BCE = log 2 per pixel; 4 pixels per image -> 4 log 2 per image, whatever B is
+    # logits 0 -> p = 0.5: BCE = log 2 per pixel; 4 pixels per image -> 4 log 2 per image,
+    # whatever B is
     for b in (1, 2, 5):
         x = (torch.rand(b, 1, 2, 2) > 0.5).float()
-        assert torch.isclose(beta_vae.reconstruction_loss(torch.zeros(b, 1, 2, 2), x, "bernoulli"), torch.tensor(4 * math.log(2)))
+        loss = beta_vae.reconstruction_loss(torch.zeros(b, 1, 2, 2), x, "bernoulli")
+        assert torch.isclose(loss, torch.tensor(4 * math.log(2)))
     # twice the pixels -> twice the loss (a per-pixel mean would keep it constant)
-    assert torch.isclose(beta_vae.reconstruction_loss(torch.zeros(3, 1, 2, 4), torch.ones(3, 1, 2, 4), "bernoulli"),
-                         torch.tensor(8 * math.log(2)))
-    # Gaussian (colour): sigmoid(0) = 0.5 vs x = 1 -> 0.25 per value; 3 x 2 x 2 values -> 3.0 per image
-    assert torch.isclose(beta_vae.reconstruction_loss(torch.zeros(7, 3, 2, 2), torch.ones(7, 3, 2, 2), "gaussian"),
-                         torch.tensor(3.0))
+    wide = torch.ones(3, 1, 2, 4)
+    loss = beta_vae.reconstruction_loss(torch.zeros(3, 1, 2, 4), wide, "bernoulli")
+    assert torch.isclose(loss, torch.tensor(8 * math.log(2)))
+    # Gaussian (colour): sigmoid(0) = 0.5 vs x = 1 -> 0.25 per value; 3 x 2 x 2 values -> 3.0 per
+    # image
+    colour = torch.ones(7, 3, 2, 2)
+    loss = beta_vae.reconstruction_loss(torch.zeros(7, 3, 2, 2), colour, "gaussian")
+    assert torch.isclose(loss, torch.tensor(3.0))
     # VAE-GAN's feature likelihood: ½ Σ over the features, mean over the batch
-    assert torch.isclose(vae_gan.feature_nll(torch.ones(5, 12), torch.zeros(5, 12)), torch.tensor(6.0))
-    assert torch.isclose(vae_gan.feature_nll(torch.ones(1, 12), torch.zeros(1, 12)), torch.tensor(6.0))
+    nll = vae_gan.feature_nll(torch.ones(5, 12), torch.zeros(5, 12))
+    assert torch.isclose(nll, torch.tensor(6.0))
+    nll = vae_gan.feature_nll(torch.ones(1, 12), torch.zeros(1, 12))
+    assert torch.isclose(nll, torch.tensor(6.0))
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -1134,12 +1238,16 @@ def test_mig_on_codes_with_known_answers(module):
     noise = torch.randn(len(f), 3, generator=g)
     # every factor copied into its own latent (plus 3 noise latents): each gap ~ 1
     assert module.mig(torch.cat([f.float(), noise], 1), f, sizes) > 0.97
-    # one latent equal to factor 1, the rest noise: gap ~1 for factor 1 and ~0 for the others -> MIG ~ 1/3
-    assert abs(module.mig(torch.cat([noise, f[:, 1:2].float() * 0.3 + 2.0], 1), f, sizes) - 1 / 3) < 0.02
+    # one latent equal to factor 1, the rest noise: gap ~1 for factor 1 and ~0 for the others ->
+    # MIG ~ 1/3
+    one_copy = torch.cat([noise, f[:, 1:2].float() * 0.3 + 2.0], 1)
+    assert abs(module.mig(one_copy, f, sizes) - 1 / 3) < 0.02
     # the same codes, shuffled against the factors: independent -> ~0
-    assert 0 <= module.mig(torch.cat([f.float(), noise], 1)[torch.randperm(len(f), generator=g)], f, sizes) < 0.02
+    shuffled = torch.cat([f.float(), noise], 1)[torch.randperm(len(f), generator=g)]
+    assert 0 <= module.mig(shuffled, f, sizes) < 0.02
     # a factor shared by two latents gives no gap, even though both latents are informative
-    assert abs(module.mig(torch.cat([f[:, :1].float(), f[:, :1].float() * 2], 1), f[:, :1], sizes[:1])) < 1e-9
+    shared = torch.cat([f[:, :1].float(), f[:, :1].float() * 2], 1)
+    assert abs(module.mig(shared, f[:, :1], sizes[:1])) < 1e-9
     # a constant factor is left out of the mean (its entropy is 0)
     const = torch.cat([torch.zeros(len(f), 1, dtype=torch.long), f[:, :1]], 1)
     assert module.mig(f[:, :1].float(), const, (2, 3)) == pytest.approx(1.0)
@@ -1155,9 +1263,13 @@ def test_recon_quality_known_answers():
 
 
 def test_both_scripts_draw_the_same_fixed_sprites():
-    ctx = [m.setup(m.parse_args(["--device", "cpu", "--mig-samples", "20", *SMALL[m]]))[1] for m in MODULES]
+    ctx = []
+    for m in MODULES:
+        args = m.parse_args(["--device", "cpu", "--mig-samples", "20", *SMALL[m]])
+        ctx.append(m.setup(args)[1])
     assert ctx[0]["x"].shape == (20, 1, 64, 64) and ctx[0]["x"].dtype == torch.int8
-    assert torch.equal(ctx[0]["x"] * 2 - 1, ctx[1]["x"])  # [0, 1] for the sigmoid decoder, [-1, 1] for the tanh one
+    # [0, 1] for the sigmoid decoder, [-1, 1] for the tanh one
+    assert torch.equal(ctx[0]["x"] * 2 - 1, ctx[1]["x"])
     assert torch.equal(ctx[0]["factors"], ctx[1]["factors"])
 
 
@@ -1189,18 +1301,23 @@ def check_run(module, folder, sprites, latents, last_step=3):
 @pytest.mark.parametrize("dataset", ["mnist", "celeba"])
 def test_smoke_mnist_and_image_folder(module, dataset, tiny_mnist, tiny_celeba, tmp_path):
     root = tiny_mnist if dataset == "mnist" else tiny_celeba
-    folder = run(module, tmp_path, "--dataset", dataset, "--data-root", root, "--steps", "3", "--batch-size", "8",
-                 "--latents", "6", *SMALL[module])
-    check_run(module, folder, sprites=False, latents=6)  # one epoch: 3 steps of 8 of the 24 JPEGs, or of 256 digits
+    folder = run(module, tmp_path, "--dataset", dataset, "--data-root", root, "--steps", "3",
+                 "--batch-size", "8", "--latents", "6", *SMALL[module])
+    # one epoch: 3 steps of 8 of the 24 JPEGs, or of 256 digits
+    check_run(module, folder, sprites=False, latents=6)
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_bad_flags_give_one_line_errors(module, tmp_path):
-    for argv, words in ((["--latents", "0"], "--latents"), (["--mig-samples", "4"], "--mig-samples"), (["--lr", "nan"], "--lr"),
-                        (["--beta", "-1"], "--beta")):
+    cases = ((["--latents", "0"], "--latents"),
+             (["--mig-samples", "4"], "--mig-samples"),
+             (["--lr", "nan"], "--lr"),
+             (["--beta", "-1"], "--beta"))
+    for argv, words in cases:
         with pytest.raises(SystemExit) as e:
             module.main([*argv, "--device", "cpu", "--out", str(tmp_path)])
-        assert str(e.value).startswith("error:") and words in str(e.value) and "\n" not in str(e.value)
+        msg = str(e.value)
+        assert msg.startswith("error:") and words in msg and "\n" not in msg
     assert not os.listdir(tmp_path)
 
 
@@ -1208,22 +1325,26 @@ def test_bad_flags_give_one_line_errors(module, tmp_path):
 # vae_infogan.py
 # ------------------------------------------------------------------------------------------------
 def small_vae_infogan(*flags, seed=0):
-    """args, nets and optimizers of a small 64x64 model (4 latents, 2 of them information latents)."""
-    args = vi.parse_args(["--width", "4", "--latents", "4", "--n-info", "2", "--device", "cpu", *flags])
+    """args, nets and optimizers of a small 64x64 model (4 latents, 2 of them information
+    latents)."""
+    args = vi.parse_args(["--width", "4", "--latents", "4", "--n-info", "2", "--device", "cpu",
+                          *flags])
     torch.manual_seed(seed)
     return (args, *vi.build(args, (1, 64, 64)))
 
 
 def tiny_unroll(seed=0):
-    """float64: G, noise (6, 3) -> 64x64 images; this script's D at width 2 with SiLU in its body (smooth, for finite
-    differences); D's Adam after two real steps (moments and a step count to start the unroll from)."""
+    """float64: G, noise (6, 3) -> 64x64 images; this script's D at width 2 with SiLU in its body
+    (smooth, for finite differences); D's Adam after two real steps (moments and a step count to
+    start the unroll from)."""
     torch.manual_seed(seed)
     G = nn.Sequential(nn.Linear(3, 4096), nn.Sigmoid(), nn.Unflatten(1, (1, 64, 64))).double()
     D = vi.DCGANDiscriminator(1, 2, 2).double()
     for i, m in enumerate(D.body):
         if isinstance(m, nn.LeakyReLU):
             D.body[i] = nn.SiLU()
-    opt_d = torch.optim.Adam([*D.body.parameters(), *D.d_head.parameters()], lr=0.05, betas=(0.5, 0.999))
+    d_params = [*D.body.parameters(), *D.d_head.parameters()]
+    opt_d = torch.optim.Adam(d_params, lr=0.05, betas=(0.5, 0.999))
     x, noise = torch.rand(6, 1, 64, 64, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     for _ in range(2):
         opt_d.zero_grad()
@@ -1237,23 +1358,29 @@ def test_vae_infogan_unrolled_gradient_matches_central_finite_differences():
     params = dict(G.named_parameters())
 
     def f(p, first_order=False):  # f_K of G's parameters p, K = 3
-        return vi.unrolled_g_loss(D, opt_d, x, functional_call(G, p, (noise,)), 3, 0.05, first_order=first_order)
+        fake = functional_call(G, p, (noise,))
+        return vi.unrolled_g_loss(D, opt_d, x, fake, 3, 0.05, first_order=first_order)
 
     exact = torch.autograd.grad(f(params), list(params.values()))
     first = torch.autograd.grad(f(params, True), list(params.values()))
     g, eps = torch.Generator().manual_seed(1), 1e-6
     for _ in range(3):  # directional derivatives along random directions d
         d = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
-        fd = (f({n: p + eps * d[n] for n, p in params.items()}) - f({n: p - eps * d[n] for n, p in params.items()})).detach() / (2 * eps)
-        along = [float(sum((gr * d[n]).sum() for gr, n in zip(grads, params))) for grads in (exact, first)]
+        ahead = {n: p + eps * d[n] for n, p in params.items()}
+        behind = {n: p - eps * d[n] for n, p in params.items()}
+        fd = (f(ahead) - f(behind)).detach() / (2 * eps)
+        along = [float(sum((gr * d[n]).sum() for gr, n in zip(grads, params)))
+                 for grads in (exact, first)]
         assert abs(float(fd) - along[0]) < 1e-6 * abs(along[0]), (float(fd), along)
-        assert abs(along[1] - along[0]) > 1e-3 * abs(along[0])  # the second term of eq. (11) matters here
+        # the second term of eq. (11) matters here
+        assert abs(along[1] - along[0]) > 1e-3 * abs(along[0])
 
 
 def test_vae_infogan_one_optimizer_per_parameter_and_q_shares_ds_body():
     _, nets, opts = small_vae_infogan()
     owner = {id(p): k for k, o in opts.items() for group in o.param_groups for p in group["params"]}
-    assert sum(len(g["params"]) for o in opts.values() for g in o.param_groups) == len(owner)  # no parameter twice
+    # no parameter twice
+    assert sum(len(g["params"]) for o in opts.values() for g in o.param_groups) == len(owner)
     assert set(owner) == {id(p) for m in nets.values() for p in m.parameters()}  # and none left out
     D = nets["D"]
     assert {owner[id(p)] for p in [*D.body.parameters(), *D.d_head.parameters()]} == {"d"}
@@ -1265,8 +1392,11 @@ def test_vae_infogan_after_ds_step_d_its_buffers_and_its_adam_stay_bit_for_bit()
     x = torch.rand(8, 1, 64, 64)
     vi.train_step(nets, opts, x, args)  # Adam moments and a step count in every optimizer
     after_d_step, d_step = [], opts["d"].step
-    d_state = lambda: copy.deepcopy(({k: v for k, v in nets["D"].state_dict().items() if not k.startswith("q_head.")},  # noqa
-                                     opts["d"].state_dict()))
+
+    def d_state():
+        """Copies of D's state (Q's head aside) and of D's optimizer's state."""
+        d_only = {k: v for k, v in nets["D"].state_dict().items() if not k.startswith("q_head.")}
+        return copy.deepcopy((d_only, opts["d"].state_dict()))
 
     def step_and_copy():
         d_step()
@@ -1277,17 +1407,20 @@ def test_vae_infogan_after_ds_step_d_its_buffers_and_its_adam_stay_bit_for_bit()
     vi.train_step(nets, opts, x, args)
     assert len(after_d_step) == 1
     assert_same(after_d_step[0], d_state())  # the unroll, L_I and Dis_l ran on copies
-    assert not torch.equal(q0["2.weight"], nets["D"].q_head.state_dict()["2.weight"])  # Q's head did train
+    # Q's head did train
+    assert not torch.equal(q0["2.weight"], nets["D"].q_head.state_dict()["2.weight"])
     assert not torch.equal(dec0["0.weight"], nets["dec"].state_dict()["0.weight"])
 
 
 def test_vae_infogan_gan_loss_reaches_the_decoder_only():
-    """From the same state and noise, K = 0 and K = 2 change f_K: the decoder ends up different, the encoder the same."""
+    """From the same state and noise, K = 0 and K = 2 change f_K: the decoder ends up different,
+    the encoder the same."""
     after = []
     for k in ("0", "2"):
         args, nets, opts = small_vae_infogan("--k", k)
         torch.manual_seed(3)
-        vi.train_step(nets, opts, torch.rand(8, 1, 64, 64, generator=torch.Generator().manual_seed(4)), args)
+        x = torch.rand(8, 1, 64, 64, generator=torch.Generator().manual_seed(4))
+        vi.train_step(nets, opts, x, args)
         after.append({name: copy.deepcopy(nets[name].state_dict()) for name in ("enc", "dec")})
     assert_same(after[0]["enc"], after[1]["enc"])
     assert not torch.equal(after[0]["dec"]["0.weight"], after[1]["dec"]["0.weight"])
@@ -1295,8 +1428,9 @@ def test_vae_infogan_gan_loss_reaches_the_decoder_only():
 
 @pytest.mark.parametrize("cut", [False, True])
 def test_vae_infogan_encoder_gets_l_i_only_through_the_decoded_image(cut):
-    """β = 0: the encoder's gradient comes through the decoded images alone (reconstruction and λ·L_I). With that path
-    cut (the decoder's output detached) nothing may be left: L_I's target c = z[:, :n_info] is detached."""
+    """β = 0: the encoder's gradient comes through the decoded images alone (reconstruction and
+    λ·L_I). With that path cut (the decoder's output detached) nothing may be left: L_I's target
+    c = z[:, :n_info] is detached."""
     args, nets, opts = small_vae_infogan("--k", "0", "--beta", "0", "--lambda-info", "1")
     if cut:
         nets["dec"].register_forward_hook(lambda module, inputs, out: out.detach())
@@ -1307,7 +1441,8 @@ def test_vae_infogan_encoder_gets_l_i_only_through_the_decoded_image(cut):
 
 def test_vae_infogan_evaluate_splits_the_kl_with_a_hand_set_encoder():
     args, nets, _ = small_vae_infogan()
-    mu, logvar = torch.tensor([1.0, 0.0, -2.0, 0.5]), torch.tensor([0.0, math.log(4.0), math.log(0.25), 0.0])
+    mu = torch.tensor([1.0, 0.0, -2.0, 0.5])
+    logvar = torch.tensor([0.0, math.log(4.0), math.log(0.25), 0.0])
     with torch.no_grad():  # every image encodes to (μ, log σ²)
         nets["enc"][-1].weight.zero_()
         nets["enc"][-1].bias.copy_(torch.cat([mu, logvar]))
@@ -1315,12 +1450,13 @@ def test_vae_infogan_evaluate_splits_the_kl_with_a_hand_set_encoder():
     closed = [0.5 * (m ** 2 + math.exp(lv) - lv - 1) for m, lv in zip(mu.tolist(), logvar.tolist())]
     assert [row[f"kl_z{j}"] for j in range(4)] == pytest.approx(closed, abs=1e-6)
     assert row["kl_info"] == pytest.approx((0.5 + 0.5 * (3 - math.log(4))) / 2, abs=1e-6)
-    assert row["kl_rest"] == pytest.approx((0.5 * (4 + 0.25 + math.log(4) - 1) + 0.125) / 2, abs=1e-6)
+    kl_rest = (0.5 * (4 + 0.25 + math.log(4) - 1) + 0.125) / 2  # z2 and z3, by hand
+    assert row["kl_rest"] == pytest.approx(kl_rest, abs=1e-6)
 
 
 def test_vae_infogan_on_a_folder_of_photos(tiny_celeba, tmp_path):
-    folder = run(vi, tmp_path, "--dataset", "celeba", "--data-root", tiny_celeba, "--steps", "2", "--batch-size", "8",
-                 "--latents", "6", "--n-info", "2", "--width", "4", "--k", "1")
+    folder = run(vi, tmp_path, "--dataset", "celeba", "--data-root", tiny_celeba, "--steps", "2",
+                 "--batch-size", "8", "--latents", "6", "--n-info", "2", "--width", "4", "--k", "1")
     row = common.read_metrics(os.path.join(folder, "metrics.csv"))[-1]
     assert row["step"] == 2 and all(math.isfinite(v) for v in row.values())
 
