@@ -394,17 +394,14 @@ RING_COLUMNS = [
 
 
 def run_folders(paths):
-    """The run folders (holding config.json and metrics.csv) among paths and their subfolders
-    (sweeps)."""
+    """The run folders (holding config.json and metrics.csv) among paths and every folder below
+    them (sweep folders, a folder of sweeps), in sorted order."""
     found = []
     for path in paths:
-        subs = []
-        if os.path.isdir(path):
-            subs = sorted(os.path.join(path, d) for d in os.listdir(path))
-        for d in [path] + subs:
-            has_config = os.path.exists(os.path.join(d, "config.json"))
-            if has_config and os.path.exists(os.path.join(d, "metrics.csv")):
-                found.append(d)
+        for folder, dirs, files in os.walk(path):
+            dirs.sort()
+            if "config.json" in files and "metrics.csv" in files:
+                found.append(folder)
     return found
 
 

@@ -35,7 +35,8 @@ MNIST = dict(
     batch_size=64,
     width=1.0,  # 1 = the InfoGAN paper's Table 1 networks; 0.25 fits a CPU (README's labs)
     k=[10],  # the report's largest K; several values run a sweep
-    # an eighth of D's: at D's own, eq. (11)'s 2nd term cancels G's gradient at K = 10 (README)
+    # an eighth of D's: at D's own, eq. (11)'s 2nd term cancels G's gradient at K = 10
+    # (docs/unrolling.md)
     unroll_lr=2.5e-5,
     g_loss="ns",  # G's f: the non-saturating -log D(G(z)) of infogan.py and the report's code
     lr_g=1e-3,  # the InfoGAN paper's Adam settings (G's Adam also trains Q's head)
@@ -74,7 +75,7 @@ def add_flags(p):
                    help="drop the gradient through the unrolled updates (default: exact)")
     p.add_argument("--unroll-lr", type=float, help="Adam learning rate inside the unroll; on MNIST "
                    "at D's own 2e-4 (at paper width, also at 5e-5) the exact K = 10 unroll lets D "
-                   "win and G draw noise, see README (default: %(default)s)")
+                   "win and G draw noise, see docs/unrolling.md (default: %(default)s)")
     p.add_argument("--lr-g", type=float,
                    help="Adam learning rate of G and Q's head (default: %(default)s)")
     p.add_argument("--lr-d", type=float, help="Adam learning rate of D (default: %(default)s)")
