@@ -41,7 +41,7 @@ DEFAULTS["squares"] = {
     "mig_samples": 6144}  # every one of the 6,144 squares
 DEFAULTS["mnist"] = {**DEFAULTS["sprites"], "epochs": 20}  # 20 passes: no paper run to follow
 DEFAULTS["celeba"] = DEFAULTS["mnist"]
-ACTIVE_KL = 0.1  # a latent with less KL (nats) than this is switched off (carries nothing)
+ACTIVE_KL = 0.5  # a latent with less KL (nats) than this is switched off (carries ~nothing)
 
 
 def add_flags(p):
@@ -265,18 +265,19 @@ def save_figures(nets, ctx, args, folder, row):
     mi_matrix.png (known factors), losses.png."""
     enc, dec = nets["enc"], nets["dec"]
     step = row["step"]
+    model = f"β-TCVAE β = {args.beta:g}" if args.tcvae else f"β-VAE β = {args.beta:g}"
     enc.eval()
     dec.eval()
     x = ctx["x"][:8].float()
     mu = enc(x).chunk(2, dim=1)[0]
     rec = torch.sigmoid(dec(mu))
     mse, grey = recon_quality(x, rec)
-    title = (f"β-VAE reconstructions (posterior mean), step {step}\n"
+    title = (f"{model} reconstructions (posterior mean), step {step}\n"
              f"pixel MSE {mse:.4f}, grey pixels {grey:.1f}%")
     common.save_grid(torch.cat([x, rec]), os.path.join(folder, "reconstructions.png"), nrow=8,
-                     row_labels=["real", "β-VAE"], title=title)
+                     row_labels=["real", "recon"], title=title)
     common.save_grid(torch.sigmoid(dec(ctx["z"])), os.path.join(folder, "samples.png"), nrow=8,
-                     title=f"β-VAE prior samples, step {step}")
+                     title=f"{model} prior samples, step {step}")
     # Fig. 14: the encoded image 0 in the first column, then latent j moved ±3 around μ_j
     order = sorted(range(args.latents), key=lambda j: -row[f"kl_z{j}"])[:10]
     values = torch.linspace(-3, 3, 9)
@@ -286,7 +287,7 @@ def save_figures(nets, ctx, args, folder, row):
     common.save_encoded_traversal(x[:1].expand(len(order), *x.shape[1:]),
                                   moved.view(len(order), 9, *x.shape[1:]), values,
                                   os.path.join(folder, "fig14_traversals.png"), labels,
-                                  f"β-VAE: latents by KL, the factor each carries, step {step}")
+                                  f"{model}: latents by KL, the factor each carries, step {step}")
     enc.train()
     dec.train()
     metrics = os.path.join(folder, "metrics.csv")
@@ -294,7 +295,7 @@ def save_figures(nets, ctx, args, folder, row):
                         os.path.join(folder, "fig15_kl_per_latent.png"), x="step",
                         ylabel="KL (nats)")
     common.plot_metrics(metrics, list(LOSSES), os.path.join(folder, "losses.png"), x="step",
-                        logy=True, title="β-VAE losses")
+                        logy=True, title=f"{model} losses")
     if ctx["factors"] is not None:
         common.save_mi_matrix(row, args.latents, os.path.join(folder, "mi_matrix.png"),
                        f"normalised MI of sampled z with each factor, step {step}")

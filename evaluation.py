@@ -554,7 +554,7 @@ VAE_COLUMNS = (  # (metrics.csv column, header, format)
     ("mig", "MIG (means)", "{:.3f}"),
     ("mse", "recon MSE", "{:.4f}"),
     ("grey_pct", "grey pixels %", "{:.1f}"),
-    ("active", "active latents", "{:.1f}"))
+    ("active", "active latents (KL > 0.5)", "{:.1f}"))
 
 
 VAE_SCRIPTS = ("beta_vae", "vae_gan", "vae_infogan")
@@ -591,7 +591,8 @@ def compare_vae(paths, out, command):
     """comparison.md for β-VAE, VAE-GAN and VAE-InfoGAN runs on sprites or squares: one row per
     setting, the mean ± s.d. over seeds at the last step every run reached, which latent carries
     each factor in each seed, and D's mean loss over the second half (GAN rows);
-    fig_vae_sweep.png: the MIGs and the reconstruction error of β-VAE runs against β."""
+    fig_mig_steps.png: MIG against steps, one curve per setting; fig_vae_sweep.png: the MIGs and
+    the reconstruction error of β-VAE runs against β."""
     runs = load_runs(paths)
     step = min(rows[-1]["step"] for _, rows, _ in runs)
     groups = {}
@@ -609,6 +610,8 @@ def compare_vae(paths, out, command):
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for label, members in groups.items():
         last = [rows[-1] for _, rows in members]
+        for row in last:  # as the scripts' ACTIVE_KL counts them (0.5 nats), also in older rows
+            row["active"] = sum(v > 0.5 for k, v in row.items() if k.startswith("kl_z"))
         cells = [label, " ".join(str(cfg["seed"]) for cfg, _ in members)]
         cells += [mean_sd([r[c] for r in last], fmt) for c, _, fmt in VAE_COLUMNS]
         cells += [mean_sd([r[f"gap_{f}"] for r in last], "{:.3f}") for f in factors]
@@ -623,6 +626,12 @@ def compare_vae(paths, out, command):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "comparison.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    curves = {}
+    for cfg, _, d in runs:
+        curves.setdefault(vae_label(cfg, d), []).append(os.path.join(d, "metrics.csv"))
+    common.plot_metrics(curves, ["mig_sampled"], os.path.join(out, "fig_mig_steps.png"), x="step",
+                        ylabel="MIG (sampled z)", upto=step,
+                        title="MIG against steps (mean over seeds, band: min-max)")
     betas = {}
     for cfg, rows, d in runs:
         if os.path.basename(d).startswith("beta_vae__"):

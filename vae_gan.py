@@ -44,7 +44,7 @@ DEFAULTS["squares"] = {
     "mig_samples": 6144}  # every one of the 6,144 squares
 DEFAULTS["mnist"] = {**DEFAULTS["sprites"], "epochs": 20}  # 20 passes: no paper run to follow
 DEFAULTS["celeba"] = DEFAULTS["mnist"]
-ACTIVE_KL = 0.1  # a latent with less KL (nats) than this is switched off (carries nothing)
+ACTIVE_KL = 0.5  # a latent with less KL (nats) than this is switched off (carries ~nothing)
 
 
 def add_flags(p):

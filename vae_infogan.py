@@ -43,7 +43,7 @@ DEFAULTS["squares"] = {
     "width": 8, "n_info": 3,  # 8 channels first for a CPU; one information latent per factor
     "mig_samples": 6144}  # every one of the 6,144 squares
 DEFAULTS["celeba"] = {**DEFAULTS["sprites"], "epochs": 10, "latents": 32}  # faces vary more
-ACTIVE_KL = 0.1  # a latent with less KL (nats) than this is switched off (carries nothing)
+ACTIVE_KL = 0.5  # a latent with less KL (nats) than this is switched off (carries ~nothing)
 
 
 def add_flags(p):
