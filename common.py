@@ -497,21 +497,20 @@ def save_matrix(matrix, path, row_labels, col_labels, title=None):
     _save(fig, path)
 
 
-def save_curves(xs, series, path, xlabel, ylabel, title=None, logx=False):
-    """Lines over xs: series = {label: (ys, lows, highs)}, lows/highs a band (None for no band)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label, (ys, lows, highs) in series.items():
-        line, = ax.plot(xs, ys, marker="o", label=label)
-        if lows is not None:
+def save_panels(panels, path, xlabel, title=None):
+    """Side-by-side line plots: panels = {y label: {line label: (xs, means, lows, highs)}}, the
+    lows and highs drawn as a band."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (ylabel, lines) in zip(axes[0], panels.items()):
+        for label, (xs, means, lows, highs) in lines.items():
+            line, = ax.plot(xs, means, marker="o", label=label)
             ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2)
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 

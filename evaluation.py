@@ -632,22 +632,26 @@ def compare_vae(paths, out, command):
     common.plot_metrics(curves, ["mig_sampled"], os.path.join(out, "fig_mig_steps.png"), x="step",
                         ylabel="MIG (sampled z)", upto=step,
                         title="MIG against steps (mean over seeds, band: min-max)")
-    betas = {}
+    # fig_vae_sweep.png: β-VAE and β-TCVAE runs against β (β = 1, the plain VAE, starts both)
+    finals = {}
     for cfg, rows, d in runs:
         if os.path.basename(d).startswith("beta_vae__"):
-            betas.setdefault(cfg["beta"], []).append([r for r in rows if r["step"] <= step][-1])
-    if len(betas) > 1:
-        xs = sorted(betas)
-        series = {}
-        for column, name in (("mig_sampled", "MIG (sampled z)"), ("mig", "MIG (means)"),
-                             ("mse", "recon MSE")):
-            values = [[r[column] for r in betas[b]] for b in xs]
-            series[name] = ([sum(v) / len(v) for v in values], [min(v) for v in values],
-                            [max(v) for v in values])
-        common.save_curves(xs, series, os.path.join(out, "fig_vae_sweep.png"), xlabel="β",
-                           ylabel="value", logx=True,
-                           title=f"{runs[0][0]['dataset']}: MIG and reconstruction against β, "
-                                 f"step {step:.0f}")
+            final = [r for r in rows if r["step"] <= step][-1]
+            kinds = ["β-TCVAE" if cfg.get("tcvae") else "β-VAE"]
+            for kind in ("β-VAE", "β-TCVAE") if cfg["beta"] == 1 else kinds:
+                finals.setdefault(kind, {}).setdefault(cfg["beta"], []).append(final)
+    if any(len(by_beta) > 1 for by_beta in finals.values()):
+        panels = {}
+        for column, ylabel in (("mig_sampled", "MIG (sampled z)"), ("mse", "recon MSE")):
+            panels[ylabel] = {}
+            for kind, by_beta in finals.items():
+                xs = sorted(by_beta)
+                values = [[r[column] for r in by_beta[b]] for b in xs]
+                panels[ylabel][kind] = (xs, [sum(v) / len(v) for v in values],
+                                        [min(v) for v in values], [max(v) for v in values])
+        common.save_panels(panels, os.path.join(out, "fig_vae_sweep.png"), xlabel="β",
+                           title=f"{runs[0][0]['dataset']}, step {step:.0f}: mean over seeds, "
+                                 "band min-max")
     print("\n".join(lines), flush=True)
     return lines
 
