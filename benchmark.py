@@ -43,6 +43,10 @@ CASES = [
      ["--dataset", "sprites", "--width", "0.125"]),
     ("vae_infogan sprites k3 (width 16)", "vae_infogan.py", 32,
      ["--dataset", "sprites", "--k", "3", "--width", "16"]),
+    ("lab beta_vae squares", "beta_vae.py", 64, ["--dataset", "squares", "--beta", "1"]),
+    ("lab vae_gan squares", "vae_gan.py", 64, ["--dataset", "squares"]),
+    ("lab vae_infogan squares k0", "vae_infogan.py", 64, ["--dataset", "squares", "--k", "0"]),
+    ("lab vae_infogan squares k3", "vae_infogan.py", 64, ["--dataset", "squares", "--k", "3"]),
 ]
 
 
