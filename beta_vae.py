@@ -284,10 +284,10 @@ def save_figures(nets, ctx, args, folder, row):
     offsets = torch.eye(args.latents)[order, None] * values[:, None]  # (rows, 9, L)
     moved = torch.sigmoid(dec((mu[0] + offsets.to(mu.device)).flatten(0, 1)))
     labels = [f"z{j} KL {row[f'kl_z{j}']:.2f} {common.carried(row, j)}" for j in order]
-    common.save_encoded_traversal(x[:1].expand(len(order), *x.shape[1:]),
-                                  moved.view(len(order), 9, *x.shape[1:]), values,
-                                  os.path.join(folder, "fig14_traversals.png"), labels,
-                                  f"{model}: latents by KL, the factor each carries, step {step}")
+    common.save_traversal(moved.view(len(order), 9, *x.shape[1:]),
+                          os.path.join(folder, "fig14_traversals.png"), values, labels,
+                          f"{model}: latents by KL, the factor each carries, step {step}",
+                          inputs=x[:1].expand(len(order), *x.shape[1:]))
     enc.train()
     dec.train()
     metrics = os.path.join(folder, "metrics.csv")

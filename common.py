@@ -324,13 +324,18 @@ def save_grid(images, path, nrow, row_labels=None, col_labels=None, title=None, 
 
 
 def save_traversal(images, path, values, row_labels=None, title=None, xlabel="code value",
-                   ylabel=None):
+                   ylabel=None, inputs=None):
     """Save a traversal grid: images (R, C, ch, H, W), one row per row label, column j at
-    values[j]."""
-    r, c = images.shape[:2]
-    assert len(values) == c, (len(values), c)
-    cells = images.reshape(r * c, *images.shape[2:])  # (R * C, ch, H, W), row by row
+    values[j]; with inputs (R, ch, H, W), Fig. 14's layout: each row starts with its encoded input
+    and values are offsets from its code."""
     col_labels = [f"{float(v):+.1f}" for v in values]
+    if inputs is not None:
+        images = torch.cat([inputs[:, None], images], dim=1)  # (R, 1 + C, ch, H, W)
+        col_labels = ["input", *col_labels]
+        xlabel = "offset from μ_j (first column: the encoded image)"
+    r, c = images.shape[:2]
+    assert len(col_labels) == c, (len(col_labels), c)
+    cells = images.reshape(r * c, *images.shape[2:])  # (R * C, ch, H, W), row by row
     save_grid(cells, path, nrow=c, row_labels=row_labels, col_labels=col_labels, title=title,
               xlabel=xlabel, ylabel=ylabel)
 
@@ -467,15 +472,6 @@ def save_mi_matrix(row, latents, path, title):
     matrix = [[row[f"mi_z{j}_{name}"] for name in names] for j in order]
     labels = [f"z{j} (KL {row[f'kl_z{j}']:.2f})" for j in order]
     save_matrix(matrix, path, labels, names, title)
-
-
-def save_encoded_traversal(inputs, moved, values, path, row_labels, title):
-    """Fig. 14's layout: row r shows inputs[r] (C, H, W), then moved[r] (len(values), C, H, W), the
-    decoded image with one latent set to each of values; all in [0, 1]."""
-    grid = torch.cat([inputs[:, None], moved], dim=1)  # (R, 1 + len(values), C, H, W)
-    save_grid(grid.flatten(0, 1), path, nrow=grid.shape[1], row_labels=row_labels,
-              col_labels=["input", *(f"{v:+.1f}" for v in values.tolist())], title=title,
-              xlabel="offset from μ_j (first column: the encoded image)")
 
 
 def save_matrix(matrix, path, row_labels, col_labels, title=None):

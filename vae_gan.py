@@ -360,10 +360,10 @@ def save_figures(nets, ctx, args, folder, row):
     offsets = torch.eye(args.latents)[order, None] * values[:, None]  # (rows, 9, L)
     moved = (dec((mu[0] + offsets.to(mu.device)).flatten(0, 1)) + 1) / 2
     labels = [f"z{j} KL {row[f'kl_z{j}']:.2f} {common.carried(row, j)}" for j in order]
-    common.save_encoded_traversal(real[:1].expand(len(order), *x.shape[1:]),
-                                  moved.view(len(order), 9, *x.shape[1:]), values,
-                                  os.path.join(folder, "fig14_traversals.png"), labels,
-                                  f"VAE-GAN: latents by KL, the factor each carries, step {step}")
+    common.save_traversal(moved.view(len(order), 9, *x.shape[1:]),
+                          os.path.join(folder, "fig14_traversals.png"), values, labels,
+                          f"VAE-GAN: latents by KL, the factor each carries, step {step}",
+                          inputs=real[:1].expand(len(order), *x.shape[1:]))
     enc.train()
     dec.train()
     metrics = os.path.join(folder, "metrics.csv")

@@ -1,8 +1,7 @@
 """VAE-InfoGAN: report §IV.A, Fig. 14 (encoded images traversed along the information latents)
 and Fig. 15 (mean KL per latent, information vs incompressible): a VAE-GAN (Larsen et al. 2016)
 with β on its KL (Higgins et al. 2017) whose first --n-info latents also get InfoGAN's L_I (Chen
-et al. 2016), its GAN part unrolled K steps (Metz et al. 2017) and kept in play by Larsen et al.'s
-equilibrium gate.
+et al. 2016), its GAN part unrolled K steps (Metz et al. 2017), balanced by Larsen et al.'s gate.
 
     python vae_infogan.py --dataset squares --k 0 --seed 3   # Lab 4's K = 0 row
     python vae_infogan.py --dataset squares --k 3 --seed 3   # Lab 4's K = 3 row
@@ -450,9 +449,10 @@ def save_figures(nets, ctx, args, folder, row):
     offsets = torch.eye(args.latents)[:n, None] * values[:, None]  # (n, 9, L)
     moved = dec((mu[:n, None] + offsets.to(mu.device)).flatten(0, 1))
     labels = [f"c{j} = z{j} {common.carried(row, j)}" for j in range(n)]
-    common.save_encoded_traversal(x[:n], moved.view(n, 9, *x.shape[1:]), values,
-                                  os.path.join(folder, "fig14_traversals.png"), labels,
-                                  f"VAE-InfoGAN: information latents, their factors, step {step}")
+    common.save_traversal(moved.view(n, 9, *x.shape[1:]),
+                          os.path.join(folder, "fig14_traversals.png"), values, labels,
+                          f"VAE-InfoGAN: information latents, their factors, step {step}",
+                          inputs=x[:n])
     enc.train()
     dec.train()
     metrics = os.path.join(folder, "metrics.csv")
