@@ -504,7 +504,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1,
                    help="seed of the weights, data order and noise (default: %(default)s)")
     p.add_argument("--epochs", type=int, help="training epochs (default: %(default)s)")
-    p.add_argument("--epoch-steps", type=int, help="steps per epoch, 0 = a pass over the data; "
+    p.add_argument("--epoch-steps", type=int, help="steps per epoch, at most a pass (0: a pass); "
                    "metrics, figures, checkpoint at each epoch's end (default: %(default)s)")
     p.add_argument("--steps", type=int, help="stop after this many steps in all (default: no cap)")
     p.add_argument("--batch-size", type=int, help="samples per step (default: %(default)s)")
