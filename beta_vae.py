@@ -482,12 +482,11 @@ def train(args):
                 rate = (step - line_start) / max(time.time() - t_line, 1e-9)
                 progress(epoch + 1, step, total, line_sums / (step - line_start), rate, args)
                 line_sums, line_start, t_line = 0, step, time.time()
-        train_seconds = time.time() - t_epoch  # training only, no evaluation
 
         # the epoch's end (or --steps): a metrics.csv row, the checkpoint, the figures
         row = {"epoch": round(step / per_epoch, 3),
                "step": step,
-               "steps_per_s": (step - epoch_start) / train_seconds,
+               "steps_per_s": (step - epoch_start) / (time.time() - t_epoch),  # before evaluate
                "seconds": round(seconds + time.time() - t_start, 1),  # over resumes too
                **dict(zip(LOSSES, (epoch_sums / (step - epoch_start)).tolist())),
                **evaluate(nets, ctx, args)}

@@ -447,10 +447,9 @@ def save_figures(nets, ctx, args, folder, row):
     # Fig. 14: row j: image j encoded (first column), then information latent j moved ±3 around μ_j
     values = torch.linspace(-3, 3, 9)
     offsets = torch.eye(args.latents)[:n, None] * values[:, None]  # (n, 9, L)
-    moved = dec((mu[:n, None] + offsets.to(mu.device)).flatten(0, 1))
+    moved = dec((mu[:n, None] + offsets.to(mu.device)).flatten(0, 1)).unflatten(0, (n, 9))
     labels = [f"c{j} = z{j} {common.carried(row, j)}" for j in range(n)]
-    common.save_traversal(moved.view(n, 9, *x.shape[1:]),
-                          os.path.join(folder, "fig14_traversals.png"), values, labels,
+    common.save_traversal(moved, os.path.join(folder, "fig14_traversals.png"), values, labels,
                           f"VAE-InfoGAN: information latents, their factors, step {step}",
                           inputs=x[:n])
     enc.train()
@@ -637,12 +636,11 @@ def train(args):
                 rate = (step - line_start) / max(time.time() - t_line, 1e-9)
                 progress(epoch + 1, step, total, line_sums / (step - line_start), rate, args)
                 line_sums, line_start, t_line = 0, step, time.time()
-        train_seconds = time.time() - t_epoch  # training only, no evaluation
 
         # the epoch's end (or --steps): a metrics.csv row, the checkpoint, the figures
         row = {"epoch": round(step / per_epoch, 3),
                "step": step,
-               "steps_per_s": (step - epoch_start) / train_seconds,
+               "steps_per_s": (step - epoch_start) / (time.time() - t_epoch),  # before evaluate
                "seconds": round(seconds + time.time() - t_start, 1),  # over resumes too
                **dict(zip(LOSSES, (epoch_sums / (step - epoch_start)).tolist())),
                **evaluate(nets, ctx, args)}
