@@ -455,9 +455,32 @@ def stat(values, scale, fmt):
     """'mean ± s.d.' of scale × values in format fmt (s.d. over seeds, left out for one value)."""
     text = fmt.format(scale * sum(values) / len(values))
     if len(values) > 1:
-        sd = fmt.format(scale * float(torch.tensor(values).std()))
+        sd = fmt.format(scale * float(torch.tensor(values, dtype=torch.float64).std()))
         text += f" ± {sd.rstrip('%')}"
     return text
+
+
+def at_common_step(runs):
+    """Runs stopped at different steps are compared at the same one: the last step every run
+    reached, and each run's rows up to it."""
+    step = min(rows[-1]["step"] for _, rows, _ in runs)
+    return step, [(cfg, [r for r in rows if r["step"] <= step], d) for cfg, rows, d in runs]
+
+
+def curves_by(runs, label):
+    """{label(cfg, folder): [metrics.csv of each of its runs]}, for common.plot_metrics."""
+    curves = {}
+    for cfg, _, d in runs:
+        curves.setdefault(label(cfg, d), []).append(os.path.join(d, "metrics.csv"))
+    return curves
+
+
+def write_comparison(out, lines):
+    """out/comparison.md holds lines; they are printed too."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "comparison.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 def run_label(cfg):
@@ -478,10 +501,7 @@ def compare(paths, out, command):
     mean ± s.d. over seeds of each metric at the last step every run reached; on MNIST also each
     metric's Spearman correlation with K over the exact runs (the report's claim:
     disentanglement improves with K) and fig12_q_loss.png; on ring/grid, Fig 3."""
-    runs = load_runs(paths)
-    # runs stopped at different steps are compared at the same one
-    step = min(rows[-1]["step"] for _, rows, _ in runs)
-    runs = [(cfg, [r for r in rows if r["step"] <= step], d) for cfg, rows, d in runs]
+    step, runs = at_common_step(load_runs(paths))
     # legends in K order
     runs.sort(key=lambda run: (run[0].get("first_order", False), run[0].get("k", 0)))
     ring = runs[0][0]["dataset"] != "mnist"
@@ -528,9 +548,7 @@ def compare(paths, out, command):
                   "| " + " | ".join(c[1] for c in columns) + " |",
                   "|---" * len(columns) + "|",
                   "| " + " | ".join(rhos) + " |"]
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "comparison.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_comparison(out, lines)
     if ring:
         snaps = {run_label(cfg): last_snapshots(d) for cfg, _, d in runs
                  if os.path.exists(os.path.join(d, "ring_samples.pt"))}
@@ -539,13 +557,10 @@ def compare(paths, out, command):
                                  lim=1.4 * float(modes.abs().max()),
                                  title="Fig. 3: one row per run")
     else:
-        curves = {}
-        for cfg, _, d in runs:
-            curves.setdefault(run_label(cfg), []).append(os.path.join(d, "metrics.csv"))
+        curves = curves_by(runs, lambda cfg, d: run_label(cfg))
         title = "Fig. 12: L_I continuous vs step (mean over seeds, band: min-max)"
         common.plot_metrics(curves, ["li_cont"], os.path.join(out, "fig12_q_loss.png"),
                             ylabel="L_I continuous", title=title, x="step", upto=step)
-    print("\n".join(lines), flush=True)
     return lines
 
 
@@ -573,14 +588,6 @@ def vae_label(cfg, folder):
     return f"VAE-InfoGAN K = {cfg['k']} β = {cfg['beta']:g}"
 
 
-def mean_sd(values, fmt):
-    """'mean ± s.d.' of values (s.d. over seeds, left out for one value)."""
-    text = fmt.format(sum(values) / len(values))
-    if len(values) > 1:
-        text += " ± " + fmt.format(float(torch.tensor(values, dtype=torch.float64).std()))
-    return text
-
-
 def carriers(row, factors):
     """For each factor, the latent with the largest sampled MI with it: {factor: 'z<j>'}."""
     latents = sorted({int(k.split("_")[1][1:]) for k in row if k.startswith("mi_z")})
@@ -593,12 +600,10 @@ def compare_vae(paths, out, command):
     each factor in each seed, and D's mean loss over the second half (GAN rows);
     fig_mig_steps.png: MIG against steps, one curve per setting; fig_vae_sweep.png: the MIGs and
     the reconstruction error of β-VAE runs against β."""
-    runs = load_runs(paths)
-    step = min(rows[-1]["step"] for _, rows, _ in runs)
+    step, runs = at_common_step(load_runs(paths))
     groups = {}
     for cfg, rows, d in runs:
-        kept = [r for r in rows if r["step"] <= step]
-        groups.setdefault(vae_label(cfg, d), []).append((cfg, kept))
+        groups.setdefault(vae_label(cfg, d), []).append((cfg, rows))
     factors = [k[len("gap_"):] for k in runs[0][1][-1] if k.startswith("gap_")]
     header = ["setting", "seeds", *(h for _, h, _ in VAE_COLUMNS), *(f"gap {f}" for f in factors),
               "loss_d 2nd half", *(f"{f} on" for f in factors)]
@@ -613,33 +618,28 @@ def compare_vae(paths, out, command):
         for row in last:  # as the scripts' ACTIVE_KL counts them (0.5 nats), also in older rows
             row["active"] = sum(v > 0.5 for k, v in row.items() if k.startswith("kl_z"))
         cells = [label, " ".join(str(cfg["seed"]) for cfg, _ in members)]
-        cells += [mean_sd([r[c] for r in last], fmt) for c, _, fmt in VAE_COLUMNS]
-        cells += [mean_sd([r[f"gap_{f}"] for r in last], "{:.3f}") for f in factors]
+        cells += [stat([r[c] for r in last], 1, fmt) for c, _, fmt in VAE_COLUMNS]
+        cells += [stat([r[f"gap_{f}"] for r in last], 1, "{:.3f}") for f in factors]
         if "loss_d" in last[0]:
             halves = [[r["loss_d"] for r in rows if r["step"] > step / 2] for _, rows in members]
-            cells.append(mean_sd([sum(h) / len(h) for h in halves if h], "{:.2f}"))
+            cells.append(stat([sum(h) / len(h) for h in halves if h], 1, "{:.2f}"))
         else:
             cells.append("—")
         on = [carriers(r, factors) for r in last]
         cells += ["/".join(c[f] for c in on) for f in factors]
         lines.append("| " + " | ".join(cells) + " |")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "comparison.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    curves = {}
-    for cfg, _, d in runs:
-        curves.setdefault(vae_label(cfg, d), []).append(os.path.join(d, "metrics.csv"))
-    common.plot_metrics(curves, ["mig_sampled"], os.path.join(out, "fig_mig_steps.png"), x="step",
+    write_comparison(out, lines)
+    common.plot_metrics(curves_by(runs, vae_label), ["mig_sampled"],
+                        os.path.join(out, "fig_mig_steps.png"), x="step",
                         ylabel="MIG (sampled z)", upto=step,
                         title="MIG against steps (mean over seeds, band: min-max)")
     # fig_vae_sweep.png: β-VAE and β-TCVAE runs against β (β = 1, the plain VAE, starts both)
     finals = {}
     for cfg, rows, d in runs:
         if os.path.basename(d).startswith("beta_vae__"):
-            final = [r for r in rows if r["step"] <= step][-1]
             kinds = ["β-TCVAE" if cfg.get("tcvae") else "β-VAE"]
             for kind in ("β-VAE", "β-TCVAE") if cfg["beta"] == 1 else kinds:
-                finals.setdefault(kind, {}).setdefault(cfg["beta"], []).append(final)
+                finals.setdefault(kind, {}).setdefault(cfg["beta"], []).append(rows[-1])
     if any(len(by_beta) > 1 for by_beta in finals.values()):
         panels = {}
         for column, ylabel in (("mig_sampled", "MIG (sampled z)"), ("mse", "recon MSE")):
@@ -652,7 +652,6 @@ def compare_vae(paths, out, command):
         common.save_panels(panels, os.path.join(out, "fig_vae_sweep.png"), xlabel="β",
                            title=f"{runs[0][0]['dataset']}, step {step:.0f}: mean over seeds, "
                                  "band min-max")
-    print("\n".join(lines), flush=True)
     return lines
 
 
