@@ -594,6 +594,31 @@ def carriers(row, factors):
     return {f: "z%d" % max(latents, key=lambda j: row[f"mi_z{j}_{f}"]) for f in factors}
 
 
+def save_beta_sweep(runs, step, out):
+    """fig_vae_sweep.png: sampled MIG and recon MSE of the β-VAE and β-TCVAE runs against β, mean
+    over seeds with a min-max band (β = 1, the plain VAE, starts both lines); drawn when a line has
+    two β or more."""
+    finals = {}
+    for cfg, rows, d in runs:
+        if os.path.basename(d).startswith("beta_vae__"):
+            kinds = ["β-TCVAE" if cfg.get("tcvae") else "β-VAE"]
+            for kind in ("β-VAE", "β-TCVAE") if cfg["beta"] == 1 else kinds:
+                finals.setdefault(kind, {}).setdefault(cfg["beta"], []).append(rows[-1])
+    if not any(len(by_beta) > 1 for by_beta in finals.values()):
+        return
+    panels = {}
+    for column, ylabel in (("mig_sampled", "MIG (sampled z)"), ("mse", "recon MSE")):
+        panels[ylabel] = {}
+        for kind, by_beta in finals.items():
+            xs = sorted(by_beta)
+            values = [[r[column] for r in by_beta[b]] for b in xs]
+            panels[ylabel][kind] = (xs, [sum(v) / len(v) for v in values],
+                                    [min(v) for v in values], [max(v) for v in values])
+    common.save_panels(panels, os.path.join(out, "fig_vae_sweep.png"), xlabel="β",
+                       title=f"{runs[0][0]['dataset']}, step {step:.0f}: mean over seeds, "
+                             "band min-max")
+
+
 def compare_vae(paths, out, command):
     """comparison.md for β-VAE, VAE-GAN and VAE-InfoGAN runs on sprites or squares: one row per
     setting, the mean ± s.d. over seeds at the last step every run reached, which latent carries
@@ -633,25 +658,7 @@ def compare_vae(paths, out, command):
                         os.path.join(out, "fig_mig_steps.png"), x="step",
                         ylabel="MIG (sampled z)", upto=step,
                         title="MIG against steps (mean over seeds, band: min-max)")
-    # fig_vae_sweep.png: β-VAE and β-TCVAE runs against β (β = 1, the plain VAE, starts both)
-    finals = {}
-    for cfg, rows, d in runs:
-        if os.path.basename(d).startswith("beta_vae__"):
-            kinds = ["β-TCVAE" if cfg.get("tcvae") else "β-VAE"]
-            for kind in ("β-VAE", "β-TCVAE") if cfg["beta"] == 1 else kinds:
-                finals.setdefault(kind, {}).setdefault(cfg["beta"], []).append(rows[-1])
-    if any(len(by_beta) > 1 for by_beta in finals.values()):
-        panels = {}
-        for column, ylabel in (("mig_sampled", "MIG (sampled z)"), ("mse", "recon MSE")):
-            panels[ylabel] = {}
-            for kind, by_beta in finals.items():
-                xs = sorted(by_beta)
-                values = [[r[column] for r in by_beta[b]] for b in xs]
-                panels[ylabel][kind] = (xs, [sum(v) / len(v) for v in values],
-                                        [min(v) for v in values], [max(v) for v in values])
-        common.save_panels(panels, os.path.join(out, "fig_vae_sweep.png"), xlabel="β",
-                           title=f"{runs[0][0]['dataset']}, step {step:.0f}: mean over seeds, "
-                                 "band min-max")
+    save_beta_sweep(runs, step, out)
     return lines
 
 
