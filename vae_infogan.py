@@ -93,18 +93,15 @@ def dcgan_encoder(channels, latents, w):
         *down(w, 2 * w),  # (B, 2w, 8, 8)
         *down(2 * w, 2 * w),  # (B, 2w, 4, 4)
         nn.Flatten(),
-        nn.Linear(2 * w * 4 * 4, 256),
-        nn.LeakyReLU(0.2),
+        nn.Linear(2 * w * 4 * 4, 256), nn.LeakyReLU(0.2),
         nn.Linear(256, 2 * latents))
 
 
 def dcgan_decoder(channels, latents, w):
     """The encoder mirrored: z (B, latents) -> image (B, C, 64, 64) in [0, 1]."""
     return nn.Sequential(
-        nn.Linear(latents, 256),
-        nn.LeakyReLU(0.2),
-        nn.Linear(256, 2 * w * 4 * 4),
-        nn.LeakyReLU(0.2),
+        nn.Linear(latents, 256), nn.LeakyReLU(0.2),
+        nn.Linear(256, 2 * w * 4 * 4), nn.LeakyReLU(0.2),
         nn.Unflatten(1, (2 * w, 4, 4)),
         *up(2 * w, 2 * w),  # (B, 2w, 8, 8)
         *up(2 * w, w),  # (B, w, 16, 16)
@@ -125,8 +122,7 @@ class DCGANDiscriminator(nn.Module):
             nn.Flatten())
         self.d_head = nn.Linear(2 * w * 8 * 8, 1)
         self.q_head = nn.Sequential(
-            nn.Linear(2 * w * 8 * 8, 128),
-            nn.LeakyReLU(0.2),
+            nn.Linear(2 * w * 8 * 8, 128), nn.LeakyReLU(0.2),
             nn.Linear(128, n_info))
 
     def forward(self, x):
@@ -440,8 +436,10 @@ def save_figures(nets, ctx, args, folder, row):
     dec.eval()
     x = ctx["x"][:max(8, n)].float()
     mu = enc(x).chunk(2, dim=1)[0]
+    title = (f"VAE-InfoGAN reconstructions (posterior mean), step {step}\n"
+             f"pixel MSE {row['mse']:.4f}, grey pixels {row['grey_pct']:.1f}% (evaluation images)")
     common.save_grid(torch.cat([x[:8], dec(mu[:8])]), os.path.join(folder, "reconstructions.png"),
-                     nrow=8, row_labels=["real", "recon"], title=f"step {step}")
+                     nrow=8, row_labels=["real", "recon"], title=title)
     common.save_grid(dec(ctx["z"]), os.path.join(folder, "samples.png"), nrow=8,
                      title=f"VAE-InfoGAN prior samples, step {step}")
     # Fig. 14: row j: image j encoded (first column), then information latent j moved ±3 around μ_j
