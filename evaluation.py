@@ -496,59 +496,53 @@ def last_snapshots(folder):
     return list(snaps.items())[-6:]
 
 
-def compare(paths, out, command):
-    """comparison.md: one row per setting (K, exact or first-order, unroll learning rate), the
-    mean ± s.d. over seeds of each metric at the last step every run reached; on MNIST also each
-    metric's Spearman correlation with K over the exact runs (the report's claim:
-    disentanglement improves with K) and fig12_q_loss.png; on ring/grid, Fig 3."""
-    step, runs = at_common_step(load_runs(paths))
-    # legends in K order
-    runs.sort(key=lambda run: (run[0].get("first_order", False), run[0].get("k", 0)))
-    ring = runs[0][0]["dataset"] != "mnist"
-    groups = {}
-    for cfg, rows, d in runs:
-        k = cfg.get("k", 0)  # K = 0 does not unroll: its runs form one group whatever the flags
-        setting = (k > 0 and cfg.get("first_order", False), k, k and cfg.get("unroll_lr", 0))
-        groups.setdefault(setting, []).append((cfg, rows, d))
-    columns = RING_COLUMNS if ring else MNIST_COLUMNS
-    header = ["K", "unroll", "unroll lr", "runs", "minutes", "steps/s", *(c[1] for c in columns)]
+def gan_setting(cfg):
+    """A GAN run's setting: (first-order, K, unroll learning rate); K = 0 does not unroll, so its
+    runs form one setting whatever the unroll flags."""
+    k = cfg.get("k", 0)
+    return (k > 0 and cfg.get("first_order", False), k, k and cfg.get("unroll_lr", 0))
+
+
+def gan_row(setting, members, columns, ring):
+    """One comparison.md row: the setting, its runs' minutes and training speed, each column's
+    mean ± s.d. at the last row; on MNIST also the property each code moves and the report's L_I."""
+    first_order, k, lr = setting
+    last = [rows[-1] for _, rows, _ in members]
+    kind = "—" if k == 0 else "first-order" if first_order else "exact"
+    rates = [sum(x["steps_per_s"] for x in rows) / len(rows) for _, rows, _ in members]
+    cells = [str(k),
+             kind,
+             f"{lr:g}" if k else "—",
+             str(len(members)),
+             stat([r["seconds"] / 60 for r in last], 1, "{:.1f}"),
+             stat(rates, 1, "{:.2f}")]
+    cells += [stat([r[c] for r in last], scale, fmt) for c, _, scale, fmt in columns]
     if not ring:
-        header += ["c1 moves", "c2 moves", "report L_I cont", "report L_I disc"]
-    seeds = sorted({c["seed"] for c, _, _ in runs})
-    lines = [f"# {runs[0][0]['dataset']}: {len(runs)} runs, seeds {seeds}", "",
-             f"command: `{command}`", "",
-             f"values at step {step:.0f}, mean ± s.d. over seeds; minutes: wall time of a run to "
-             "there (training, evaluation, figures); steps/s: training only; c1/c2 moves: the "
-             "property each code moves most", "",
-             "| " + " | ".join(header) + " |",
-             "|---" * len(header) + "|"]
-    for (first_order, k, lr), members in sorted(groups.items()):
-        last = [rows[-1] for _, rows, _ in members]
-        kind = "—" if k == 0 else "first-order" if first_order else "exact"
-        rates = [sum(x["steps_per_s"] for x in rows) / len(rows) for _, rows, _ in members]
-        cells = [str(k),
-                 kind,
-                 f"{lr:g}" if k else "—",
-                 str(len(members)),
-                 stat([r["seconds"] / 60 for r in last], 1, "{:.1f}"),
-                 stat(rates, 1, "{:.2f}")]
-        cells += [stat([r[c] for r in last], scale, fmt) for c, _, scale, fmt in columns]
-        if not ring:
-            mean = {c: sum(r[c] for r in last) / len(last) for c in last[0]}
-            cells += [top_property(mean, 1), top_property(mean, 2)]
-            cells += [str(value) for value in REPORT.get(k, ("-", "-"))]
-        lines.append("| " + " | ".join(cells) + " |")
+        mean = {c: sum(r[c] for r in last) / len(last) for c in last[0]}
+        cells += [top_property(mean, 1), top_property(mean, 2)]
+        cells += [str(value) for value in REPORT.get(k, ("-", "-"))]
+    return cells
+
+
+def spearman_table(runs, columns):
+    """Each column's Spearman correlation with K over the exact runs, as comparison.md lines (none
+    when the exact runs share one K)."""
     exact = [(cfg["k"], rows[-1]) for cfg, rows, _ in runs if not cfg.get("first_order", True)]
-    if not ring and len({k for k, _ in exact}) > 1:
-        ks = [k for k, _ in exact]
-        rhos = [f"{spearman(ks, [r[c] for _, r in exact]):+.2f}" for c, *_ in columns]
-        lines += ["",
-                  "Spearman correlation with K over the exact runs (+1: the metric rises with K, "
-                  "-1: it falls):", "",
-                  "| " + " | ".join(c[1] for c in columns) + " |",
-                  "|---" * len(columns) + "|",
-                  "| " + " | ".join(rhos) + " |"]
-    write_comparison(out, lines)
+    if len({k for k, _ in exact}) < 2:
+        return []
+    ks = [k for k, _ in exact]
+    rhos = [f"{spearman(ks, [r[c] for _, r in exact]):+.2f}" for c, *_ in columns]
+    return ["",
+            "Spearman correlation with K over the exact runs (+1: the metric rises with K, "
+            "-1: it falls):", "",
+            "| " + " | ".join(c[1] for c in columns) + " |",
+            "|---" * len(columns) + "|",
+            "| " + " | ".join(rhos) + " |"]
+
+
+def save_gan_figures(runs, step, out, ring):
+    """Fig 3 (the last samples of each ring/grid run, one row per run) or Fig 12 (L_I continuous
+    against steps, one curve per K)."""
     if ring:
         snaps = {run_label(cfg): last_snapshots(d) for cfg, _, d in runs
                  if os.path.exists(os.path.join(d, "ring_samples.pt"))}
@@ -561,6 +555,38 @@ def compare(paths, out, command):
         title = "Fig. 12: L_I continuous vs step (mean over seeds, band: min-max)"
         common.plot_metrics(curves, ["li_cont"], os.path.join(out, "fig12_q_loss.png"),
                             ylabel="L_I continuous", title=title, x="step", upto=step)
+
+
+def compare(paths, out, command):
+    """comparison.md: one row per setting (K, exact or first-order, unroll learning rate), the
+    mean ± s.d. over seeds of each metric at the last step every run reached; on MNIST also each
+    metric's Spearman correlation with K over the exact runs (the report's claim:
+    disentanglement improves with K) and fig12_q_loss.png; on ring/grid, Fig 3."""
+    step, runs = at_common_step(load_runs(paths))
+    # legends in K order
+    runs.sort(key=lambda run: (run[0].get("first_order", False), run[0].get("k", 0)))
+    ring = runs[0][0]["dataset"] != "mnist"
+    groups = {}
+    for cfg, rows, d in runs:
+        groups.setdefault(gan_setting(cfg), []).append((cfg, rows, d))
+    columns = RING_COLUMNS if ring else MNIST_COLUMNS
+    header = ["K", "unroll", "unroll lr", "runs", "minutes", "steps/s", *(c[1] for c in columns)]
+    if not ring:
+        header += ["c1 moves", "c2 moves", "report L_I cont", "report L_I disc"]
+    seeds = sorted({c["seed"] for c, _, _ in runs})
+    lines = [f"# {runs[0][0]['dataset']}: {len(runs)} runs, seeds {seeds}", "",
+             f"command: `{command}`", "",
+             f"values at step {step:.0f}, mean ± s.d. over seeds; minutes: wall time of a run to "
+             "there (training, evaluation, figures); steps/s: training only; c1/c2 moves: the "
+             "property each code moves most", "",
+             "| " + " | ".join(header) + " |",
+             "|---" * len(header) + "|"]
+    for setting, members in sorted(groups.items()):
+        lines.append("| " + " | ".join(gan_row(setting, members, columns, ring)) + " |")
+    if not ring:
+        lines += spearman_table(runs, columns)
+    write_comparison(out, lines)
+    save_gan_figures(runs, step, out, ring)
     return lines
 
 
