@@ -440,6 +440,15 @@ def single_run(args):
     return args
 
 
+def test_runs_begun_in_the_same_second_get_folders_of_their_own(tmp_path):
+    """A sweep's short runs start within a second of each other: each gets its own folder."""
+    args = single_run(beta_vae.parse_args(["--dataset", "squares", "--device", "cpu",
+                                           "--out", str(tmp_path)]))
+    first, second = beta_vae.make_run_folder(args), beta_vae.make_run_folder(args)
+    assert first != second
+    assert all(os.path.isfile(os.path.join(f, "config.json")) for f in (first, second))
+
+
 def test_evaluation_and_figures_leave_the_training_state_alone(case, tmp_path):
     """evaluate and save_figures run between steps: no draw from the global RNG, no change to
     weights, BatchNorm statistics or optimizer states, and every network back in training mode."""

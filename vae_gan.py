@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from datetime import datetime
 
 import torch
 import torch.nn as nn
@@ -441,7 +442,8 @@ def make_run_folder(args):
     name = f"{SCRIPT[:-3]}__{args.dataset}"
     if "k" in vars(args):  # the unrolled scripts
         name += f"__k{args.k}" + ("-first-order" if getattr(args, "first_order", False) else "")
-    folder = os.path.join(args.out, f"{name}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    # to the microsecond: a sweep's short runs, or runs begun together, never share a folder
+    folder = os.path.join(args.out, f"{name}__s{args.seed}__{datetime.now():%Y%m%d-%H%M%S-%f}")
     chip = torch.cuda.get_device_name(args.device) if args.device != "cpu" else "cpu"
     try:
         os.makedirs(folder)
