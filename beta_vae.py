@@ -1,4 +1,4 @@
-"""β-VAE and β-TCVAE: report §IV (the per-latent KL of Fig. 15; encoded images traversed, Fig. 14).
+"""β-VAE and β-TCVAE: report §IV; traversals and KL per latent drawn as its Figs. 14 and 15.
 
 Higgins et al. 2017, "β-VAE: Learning basic visual concepts with a constrained variational
 framework" (ICLR); with --tcvae, β weighs only the total correlation of the aggregate posterior
@@ -8,7 +8,7 @@ VAE. Each epoch, on fixed images: each latent's KL and, on sprites and squares (
 MIG on the posterior means and on z sampled from q(z|x), and the latent × factor MI matrix.
 
     python beta_vae.py --dataset squares --beta 1 8 --seed 3   # Lab 3: plain β-VAE, β = 1 and 8
-    python beta_vae.py --dataset squares --tcvae --beta 1 6 --seed 3   # Lab 3: β-TCVAE
+    python beta_vae.py --dataset squares --tcvae --beta 20 --seed 3   # Lab 3: β-TCVAE, β = 20
 """
 import argparse
 import itertools
@@ -118,13 +118,14 @@ def reconstruction_loss(logits, x, likelihood):
 
 
 def total_correlation(z, mu, logvar):
-    """TC = KL(q(z) ‖ Π_j q(z_j)), a mean over the batch, estimated as Chen et al. (2018, §4.1) do
-    with the batch's posteriors: q(z_i) ≈ 1/B Σ_k q(z_i | x_k). (Their minibatch-weighted sampling
+    """TC = KL(q(z) ‖ Π_j q(z_j)), a mean over the batch, estimated as Chen et al. (2018) do, with
+    the batch's posteriors: q(z_i) ≈ 1/B Σ_k q(z_i | x_k). (Their minibatch-weighted sampling
     divides by B·N, N the data size; that adds (L − 1)·log N to TC, a constant without gradient.)"""
     batch = z.shape[0]
-    # log N(z_il; μ_kl, σ_kl²) of sample i under posterior k, latent l: (B, B, L)
-    log_q = -0.5 * (math.log(2 * math.pi) + logvar[None] + (z[:, None] - mu[None]).pow(2)
-                    / logvar[None].exp())
+    # log N(z_il; μ_kl, σ_kl²) = −½ (log 2π + log σ_kl² + (z_il − μ_kl)² / σ_kl²) of sample i under
+    # posterior k, latent l: (B, B, L)
+    var = logvar.exp()
+    log_q = -0.5 * (math.log(2 * math.pi) + logvar[None] + (z[:, None] - mu[None]) ** 2 / var[None])
     log_qz = torch.logsumexp(log_q.sum(2), dim=1) - math.log(batch)  # log q(z_i), (B,)
     log_prod = (torch.logsumexp(log_q, dim=1) - math.log(batch)).sum(1)  # Σ_l log q(z_il), (B,)
     return (log_qz - log_prod).mean()
@@ -147,12 +148,12 @@ def mi_matrix(codes, factors, sizes, bins=20):
     for k, size in enumerate(sizes):
         f = factors[:, k].long()
         counts = [torch.bincount(b * size + f, minlength=bins * size) for b in binned.T]
-        joint = torch.stack(counts).view(-1, bins, size).double() / len(f)  # p(b, f): (L, bins, K)
-        p_b = joint.sum(2, keepdim=True)
+        p_bf = torch.stack(counts).view(-1, bins, size).double() / len(f)  # (L, bins, size)
+        p_b = p_bf.sum(2, keepdim=True)
         p_f = torch.bincount(f, minlength=size).double() / len(f)  # exact: a constant f has p = 1
         # H(f) = −Σ_f p(f) log p(f); I(b; f) = Σ p(b, f) log p(b, f) / (p(b) p(f)), in nats
         h_f = -torch.special.xlogy(p_f, p_f).sum()
-        mi = (torch.special.xlogy(joint, joint) - torch.special.xlogy(joint, p_b * p_f)).sum((1, 2))
+        mi = (torch.special.xlogy(p_bf, p_bf) - torch.special.xlogy(p_bf, p_b * p_f)).sum((1, 2))
         columns.append(mi / h_f if h_f > 0 else torch.full_like(mi, math.nan))
     return torch.stack(columns, dim=1)
 
@@ -165,7 +166,9 @@ def factor_gaps(matrix):
 
 
 def mig(codes, factors, sizes):
-    """Mutual Information Gap (Chen et al. 2018): the mean gap over the non-constant factors."""
+    """Mutual Information Gap (Chen et al. 2018): the mean gap over the non-constant factors,
+    MIG = 1/K Σ_k (I(z_a; v_k) − max_{j≠a} I(z_j; v_k)) / H(v_k), z_a the latent most informative
+    of factor v_k."""
     return float(factor_gaps(mi_matrix(codes, factors, sizes)).nanmean())
 
 
@@ -176,9 +179,9 @@ def disentanglement(mu, logvar, factors, sizes):
     z = mu + (0.5 * logvar).exp() * noise
     matrix = mi_matrix(z, factors, sizes)
     kept = [k for k, size in enumerate(sizes) if size > 1]
-    row = {"mig": mig(mu, factors, sizes), "mig_sampled": float(factor_gaps(matrix).nanmean())}
-    gaps = factor_gaps(matrix).tolist()
-    row.update({f"gap_{common.Sprites.FACTORS[k]}": gaps[k] for k in kept})
+    gaps = factor_gaps(matrix)
+    row = {"mig": mig(mu, factors, sizes), "mig_sampled": float(gaps.nanmean())}
+    row.update({f"gap_{common.Sprites.FACTORS[k]}": float(gaps[k]) for k in kept})
     row["active"] = int((kl_per_latent(mu, logvar) > ACTIVE_KL).sum())
     for j in range(len(matrix)):
         row.update({f"mi_z{j}_{common.Sprites.FACTORS[k]}": float(matrix[j, k]) for k in kept})
@@ -208,12 +211,12 @@ def train_step(nets, opts, x, args):
     """One Adam step on a batch x (B, C, H, W) in [0, 1]. Returns detached (loss, recon, kl, tc)."""
     mu, logvar = nets["enc"](x).chunk(2, dim=1)
     # reparameterisation: z = μ + σ ε, ε ~ N(0, I)
-    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+    z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
     likelihood = "gaussian" if x.shape[1] == 3 else "bernoulli"
     recon = reconstruction_loss(nets["dec"](z), x, likelihood)
     # KL(q(z|x) ‖ N(0, I)): summed over the latents, a mean over the batch
     kl = kl_per_latent(mu, logvar).sum()
-    tc = total_correlation(z, mu, logvar)
+    tc = total_correlation(z, mu, logvar)  # logged always; a term of the loss with --tcvae
     if args.tcvae:
         # β-TCVAE (Chen et al. eq. 4, α = γ = 1): KL = index-code MI + TC + dimension-wise KL, and
         # only the TC gets β: loss = recon + KL + (β − 1) TC
@@ -272,9 +275,8 @@ def save_figures(nets, ctx, args, folder, row):
     x = ctx["x"][:8].float()
     mu = enc(x).chunk(2, dim=1)[0]
     rec = torch.sigmoid(dec(mu))
-    mse, grey = recon_quality(x, rec)
     title = (f"{model} reconstructions (posterior mean), step {step}\n"
-             f"pixel MSE {mse:.4f}, grey pixels {grey:.1f}%")
+             f"pixel MSE {row['mse']:.4f}, grey pixels {row['grey_pct']:.1f}% (evaluation images)")
     common.save_grid(torch.cat([x, rec]), os.path.join(folder, "reconstructions.png"), nrow=8,
                      row_labels=["real", "recon"], title=title)
     common.save_grid(torch.sigmoid(dec(ctx["z"])), os.path.join(folder, "samples.png"), nrow=8,
@@ -285,7 +287,7 @@ def save_figures(nets, ctx, args, folder, row):
     offsets = torch.eye(args.latents)[order, None] * values[:, None]  # (rows, 9, L)
     moved = torch.sigmoid(dec((mu[0] + offsets.to(mu.device)).flatten(0, 1)))
     labels = [f"z{j} KL {row[f'kl_z{j}']:.2f} {common.carried(row, j)}" for j in order]
-    common.save_traversal(moved.view(len(order), 9, *x.shape[1:]),
+    common.save_traversal(moved.unflatten(0, (len(order), 9)),
                           os.path.join(folder, "fig14_traversals.png"), values, labels,
                           f"{model}: latents by KL, the factor each carries, step {step}",
                           inputs=x[:1].expand(len(order), *x.shape[1:]))
@@ -299,7 +301,7 @@ def save_figures(nets, ctx, args, folder, row):
                         logy=True, title=f"{model} losses")
     if ctx["factors"] is not None:
         common.save_mi_matrix(row, args.latents, os.path.join(folder, "mi_matrix.png"),
-                       f"normalised MI of sampled z with each factor, step {step}")
+                              f"normalised MI of sampled z with each factor, step {step}")
 
 
 def main(argv=None):

@@ -8,7 +8,7 @@ Larsen et al.'s equilibrium gate keeps the game going. The paper's 64x64 nets (c
 --width) and smaller ones for 28x28. Each epoch, on fixed images: each latent's KL, reconstruction
 error and grey pixels and, with known factors, MIG and the latent × factor MI matrix.
 
-    python vae_gan.py --dataset squares --seed 3   # Lab 4's VAE-GAN row (about 10 minutes on a CPU)
+    python vae_gan.py --dataset squares --seed 3   # Lab 4's VAE-GAN row
 """
 import argparse
 import itertools
@@ -35,7 +35,7 @@ DEFAULTS = {"sprites": dict(
     lr=3e-4,  # Larsen et al.'s RMSprop learning rate
     latents=128, width=1.0,  # Larsen et al.'s latents and channel widths
     beta=1.0,  # 1 = Larsen et al.'s prior term; the report's β weighs it
-    gamma=1e-2,  # Larsen et al.'s weight of the feature likelihood against the GAN term (aegan.py)
+    gamma=1e-2,  # Larsen et al.'s weight of reconstruction against the GAN term (model/aegan.py)
     equilibrium=0.68, margin=0.35,  # Larsen et al.'s gate (aegan.py); --margin inf: no gate
     mig_samples=10000)}  # MIG on 10,000 fixed images, as disentanglement_lib measures it
 DEFAULTS["squares"] = {
@@ -198,12 +198,12 @@ def mi_matrix(codes, factors, sizes, bins=20):
     for k, size in enumerate(sizes):
         f = factors[:, k].long()
         counts = [torch.bincount(b * size + f, minlength=bins * size) for b in binned.T]
-        joint = torch.stack(counts).view(-1, bins, size).double() / len(f)  # p(b, f): (L, bins, K)
-        p_b = joint.sum(2, keepdim=True)
+        p_bf = torch.stack(counts).view(-1, bins, size).double() / len(f)  # (L, bins, size)
+        p_b = p_bf.sum(2, keepdim=True)
         p_f = torch.bincount(f, minlength=size).double() / len(f)  # exact: a constant f has p = 1
         # H(f) = −Σ_f p(f) log p(f); I(b; f) = Σ p(b, f) log p(b, f) / (p(b) p(f)), in nats
         h_f = -torch.special.xlogy(p_f, p_f).sum()
-        mi = (torch.special.xlogy(joint, joint) - torch.special.xlogy(joint, p_b * p_f)).sum((1, 2))
+        mi = (torch.special.xlogy(p_bf, p_bf) - torch.special.xlogy(p_bf, p_b * p_f)).sum((1, 2))
         columns.append(mi / h_f if h_f > 0 else torch.full_like(mi, math.nan))
     return torch.stack(columns, dim=1)
 
@@ -216,7 +216,9 @@ def factor_gaps(matrix):
 
 
 def mig(codes, factors, sizes):
-    """Mutual Information Gap (Chen et al. 2018): the mean gap over the non-constant factors."""
+    """Mutual Information Gap (Chen et al. 2018): the mean gap over the non-constant factors,
+    MIG = 1/K Σ_k (I(z_a; v_k) − max_{j≠a} I(z_j; v_k)) / H(v_k), z_a the latent most informative
+    of factor v_k."""
     return float(factor_gaps(mi_matrix(codes, factors, sizes)).nanmean())
 
 
@@ -227,9 +229,9 @@ def disentanglement(mu, logvar, factors, sizes):
     z = mu + (0.5 * logvar).exp() * noise
     matrix = mi_matrix(z, factors, sizes)
     kept = [k for k, size in enumerate(sizes) if size > 1]
-    row = {"mig": mig(mu, factors, sizes), "mig_sampled": float(factor_gaps(matrix).nanmean())}
-    gaps = factor_gaps(matrix).tolist()
-    row.update({f"gap_{common.Sprites.FACTORS[k]}": gaps[k] for k in kept})
+    gaps = factor_gaps(matrix)
+    row = {"mig": mig(mu, factors, sizes), "mig_sampled": float(gaps.nanmean())}
+    row.update({f"gap_{common.Sprites.FACTORS[k]}": float(gaps[k]) for k in kept})
     row["active"] = int((kl_per_latent(mu, logvar) > ACTIVE_KL).sum())
     for j in range(len(matrix)):
         row.update({f"mi_z{j}_{common.Sprites.FACTORS[k]}": float(matrix[j, k]) for k in kept})
@@ -260,7 +262,7 @@ def train_step(nets, opts, x, args):
     enc, dec, dis = nets["enc"], nets["dec"], nets["dis"]
     # ---- forward: encode, decode, and the discriminator on real, reconstructed, prior images ----
     mu, logvar = enc(x).chunk(2, dim=1)
-    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # z ~ q(z|x), reparameterised
+    z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # z ~ q(z|x), reparameterised
     x_rec = dec(z)  # x̃ = Dec(z), z ~ Enc(x)
     x_p = dec(torch.randn_like(mu))  # x_p = Dec(z_p), z_p ~ N(0, I)
     d_real, f_real = dis(x)
@@ -348,9 +350,8 @@ def save_figures(nets, ctx, args, folder, row):
     mu = enc(x).chunk(2, dim=1)[0]
     real = (x + 1) / 2  # [-1, 1] -> [0, 1]
     rec = (dec(mu) + 1) / 2
-    mse, grey = recon_quality(real, rec)
     title = (f"VAE-GAN reconstructions (posterior mean), step {step}\n"
-             f"pixel MSE {mse:.4f}, grey pixels {grey:.1f}%")
+             f"pixel MSE {row['mse']:.4f}, grey pixels {row['grey_pct']:.1f}% (evaluation images)")
     common.save_grid(torch.cat([real, rec]), os.path.join(folder, "reconstructions.png"), nrow=8,
                      row_labels=["real", "VAE-GAN"], title=title)
     common.save_grid((dec(ctx["z"]) + 1) / 2, os.path.join(folder, "samples.png"), nrow=8,
@@ -361,7 +362,7 @@ def save_figures(nets, ctx, args, folder, row):
     offsets = torch.eye(args.latents)[order, None] * values[:, None]  # (rows, 9, L)
     moved = (dec((mu[0] + offsets.to(mu.device)).flatten(0, 1)) + 1) / 2
     labels = [f"z{j} KL {row[f'kl_z{j}']:.2f} {common.carried(row, j)}" for j in order]
-    common.save_traversal(moved.view(len(order), 9, *x.shape[1:]),
+    common.save_traversal(moved.unflatten(0, (len(order), 9)),
                           os.path.join(folder, "fig14_traversals.png"), values, labels,
                           f"VAE-GAN: latents by KL, the factor each carries, step {step}",
                           inputs=real[:1].expand(len(order), *x.shape[1:]))
@@ -376,7 +377,7 @@ def save_figures(nets, ctx, args, folder, row):
                         title="VAE-GAN losses")
     if ctx["factors"] is not None:
         common.save_mi_matrix(row, args.latents, os.path.join(folder, "mi_matrix.png"),
-                       f"normalised MI of sampled z with each factor, step {step}")
+                              f"normalised MI of sampled z with each factor, step {step}")
 
 
 def main(argv=None):

@@ -35,7 +35,7 @@ DEFAULTS = {"sprites": dict(
     beta=1.0,  # Larsen et al.'s prior term (the report's β weighs it)
     gamma=1e-2,  # as vae_gan.py: reconstruction weighed against the GAN term (Larsen et al.)
     equilibrium=0.68, margin=0.35,  # Larsen et al.'s gate (aegan.py); --margin inf: no gate
-    lambda_info=1.0,  # InfoGAN's λ for continuous codes
+    lambda_info=1.0,  # InfoGAN's λ (the paper's 1, as infogan.py's; it suggests less for c)
     mig_samples=10000)}  # MIG on 10,000 fixed images, as disentanglement_lib measures it
 DEFAULTS["squares"] = {
     **DEFAULTS["sprites"],
@@ -166,12 +166,12 @@ def mi_matrix(codes, factors, sizes, bins=20):
     for k, size in enumerate(sizes):
         f = factors[:, k].long()
         counts = [torch.bincount(b * size + f, minlength=bins * size) for b in binned.T]
-        joint = torch.stack(counts).view(-1, bins, size).double() / len(f)  # p(b, f): (L, bins, K)
-        p_b = joint.sum(2, keepdim=True)
+        p_bf = torch.stack(counts).view(-1, bins, size).double() / len(f)  # (L, bins, size)
+        p_b = p_bf.sum(2, keepdim=True)
         p_f = torch.bincount(f, minlength=size).double() / len(f)  # exact: a constant f has p = 1
         # H(f) = −Σ_f p(f) log p(f); I(b; f) = Σ p(b, f) log p(b, f) / (p(b) p(f)), in nats
         h_f = -torch.special.xlogy(p_f, p_f).sum()
-        mi = (torch.special.xlogy(joint, joint) - torch.special.xlogy(joint, p_b * p_f)).sum((1, 2))
+        mi = (torch.special.xlogy(p_bf, p_bf) - torch.special.xlogy(p_bf, p_b * p_f)).sum((1, 2))
         columns.append(mi / h_f if h_f > 0 else torch.full_like(mi, math.nan))
     return torch.stack(columns, dim=1)
 
@@ -184,7 +184,9 @@ def factor_gaps(matrix):
 
 
 def mig(codes, factors, sizes):
-    """Mutual Information Gap (Chen et al. 2018): the mean gap over the non-constant factors."""
+    """Mutual Information Gap (Chen et al. 2018): the mean gap over the non-constant factors,
+    MIG = 1/K Σ_k (I(z_a; v_k) − max_{j≠a} I(z_j; v_k)) / H(v_k), z_a the latent most informative
+    of factor v_k."""
     return float(factor_gaps(mi_matrix(codes, factors, sizes)).nanmean())
 
 
@@ -195,9 +197,9 @@ def disentanglement(mu, logvar, factors, sizes):
     z = mu + (0.5 * logvar).exp() * noise
     matrix = mi_matrix(z, factors, sizes)
     kept = [k for k, size in enumerate(sizes) if size > 1]
-    row = {"mig": mig(mu, factors, sizes), "mig_sampled": float(factor_gaps(matrix).nanmean())}
-    gaps = factor_gaps(matrix).tolist()
-    row.update({f"gap_{common.Sprites.FACTORS[k]}": gaps[k] for k in kept})
+    gaps = factor_gaps(matrix)
+    row = {"mig": mig(mu, factors, sizes), "mig_sampled": float(gaps.nanmean())}
+    row.update({f"gap_{common.Sprites.FACTORS[k]}": float(gaps[k]) for k in kept})
     row["active"] = int((kl_per_latent(mu, logvar) > ACTIVE_KL).sum())
     for j in range(len(matrix)):
         row.update({f"mi_z{j}_{common.Sprites.FACTORS[k]}": float(matrix[j, k]) for k in kept})
@@ -331,7 +333,7 @@ def train_step(nets, opts, x, args):
     enc, dec, D = nets["enc"], nets["dec"], nets["D"]
     batch = x.shape[0]
     mu, logvar = enc(x).chunk(2, dim=1)
-    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # z ~ q(z|x), reparameterised
+    z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # z ~ q(z|x), reparameterised
     z_p = torch.randn_like(mu)  # z_p ~ N(0, I)
     fakes = dec(torch.cat([z, z_p]))  # (2B, C, H, W): x̃ = Dec(z), then x_p = Dec(z_p)
     x_rec = fakes[:batch]
@@ -349,8 +351,8 @@ def train_step(nets, opts, x, args):
     (d_on * loss_d).backward(inputs=opts["d"].param_groups[0]["params"])
     opts["d"].step()
 
-    # ---- (2) unrolled look-ahead, eqs. (8)-(10): f_K, the non-saturating GAN loss of the fakes
-    # against a copy of D after K more differentiable Adam updates ----
+    # ---- (2) unrolled look-ahead, eqs. (8)-(10): f_K, the GAN loss of the fakes against a copy
+    # of D after K more differentiable Adam updates; deviation: non-saturating, as vae_gan.py ----
     loss_g = unrolled_g_loss(D, opts["d"], x, fakes, args.k, args.lr)
 
     # ---- (3) reconstruction and information terms on the live (not unrolled) D and Q, with copies
@@ -366,14 +368,14 @@ def train_step(nets, opts, x, args):
     recon = llike + pixels
     # L_prior = KL(q(z|x) ‖ N(0, I)), summed over the latents, a mean over the batch
     kl = kl_per_latent(mu, logvar).sum()
-    # L_I, eqs. (12)-(13): −log Q(c | Dec(z)), c = the first n_info latents of z and z_p, σ fixed
-    # at 1: ½ Σ_c (μ_Q − c)², a mean over the 2B fakes. c is DETACHED: the encoder gets L_I only
-    # through the decoded image (attached, L_I could fall by shrinking the information latents' σ)
+    # li = −L_I + const, eqs. (12)-(13): −log Q(c | Dec(z)), c the first n_info latents of z and
+    # z_p, σ fixed at 1: ½ Σ_c (μ_Q − c)², a mean over the 2B fakes. c is DETACHED: the encoder
+    # gets li only through the decoded image (attached, li could fall as the codes' σ shrinks)
     codes = torch.cat([z, z_p])[:, :args.n_info].detach()
     li = 0.5 * (q_fakes - codes).pow(2).sum(1).mean()
 
-    # ---- (4) encoder step: β·L_prior + recon + λ·L_I; decoder (generator) and Q head step:
-    # γ·recon + f_K (while the gate lets it) + λ·L_I, whose backprop through f_K gives eq. (11),
+    # ---- (4) encoder step: β·L_prior + recon + λ·li; decoder (generator) and Q head step:
+    # γ·recon + f_K (while the gate lets it) + λ·li, whose backprop through f_K gives eq. (11),
     # both terms. D's body, Q's body too, is trained by D's step only ----
     opts["enc"].zero_grad(set_to_none=True)
     opts["dec"].zero_grad(set_to_none=True)
@@ -461,7 +463,7 @@ def save_figures(nets, ctx, args, folder, row):
     common.plot_metrics(metrics, ["loss_d", "loss_g", "recon", "kl", "li", "bce_real", "bce_fake"],
                         os.path.join(folder, "losses.png"), x="step", logy=True,
                         title="VAE-InfoGAN losses")
-    if ctx.get("factors") is not None:
+    if ctx["factors"] is not None:
         common.save_mi_matrix(row, args.latents, os.path.join(folder, "mi_matrix.png"),
                               f"normalised MI of sampled z with each factor, step {step}")
 
