@@ -216,9 +216,8 @@ def factor_gaps(matrix):
 
 
 def mig(codes, factors, sizes):
-    """Mutual Information Gap (Chen et al. 2018): the mean gap over the non-constant factors,
-    MIG = 1/K Σ_k (I(z_a; v_k) − max_{j≠a} I(z_j; v_k)) / H(v_k), z_a the latent most informative
-    of factor v_k."""
+    """Mutual Information Gap (Chen et al. 2018), the mean over the K non-constant factors v_k:
+    MIG = 1/K Σ_k (I(z_a; v_k) − max_{j≠a} I(z_j; v_k)) / H(v_k), a = argmax_j I(z_j; v_k)."""
     return float(factor_gaps(mi_matrix(codes, factors, sizes)).nanmean())
 
 
