@@ -563,9 +563,8 @@ def train(args):
         save_figures(nets, ctx, args, folder, row)
 
     wall, n = time.time() - t_start, step - first_step
-    peak = ""
-    if args.device != "cpu":
-        peak = f", peak GPU memory {torch.cuda.max_memory_allocated(args.device) / 2 ** 20:.0f} MiB"
+    peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(args.device) / 2 ** 20:.0f} MiB"
+            if args.device != "cpu" else "")
     print(f"done: {n} steps in {wall:.1f} s ({n / max(wall, 1e-9):.2f} steps/s){peak}, "
           f"run folder {folder}", flush=True)
     return folder
