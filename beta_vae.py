@@ -15,7 +15,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 from datetime import datetime
 
@@ -43,29 +42,53 @@ DEFAULTS["squares"] = {
     "mig_samples": 6144}  # every one of the 6,144 squares
 DEFAULTS["mnist"] = {**DEFAULTS["sprites"], "epochs": 20}  # 20 passes: no paper run to follow
 DEFAULTS["celeba"] = DEFAULTS["mnist"]
-ACTIVE_KL = 0.5  # a latent with less KL (nats) than this is switched off (carries ~nothing)
 
 
-def add_flags(p):
-    p.add_argument("--beta", type=float, nargs="+",
-                   help="weight β of the KL (with --tcvae: of the total correlation); 1 = the "
-                        "plain VAE; several values run a sweep, one after the other "
-                        "(default: %(default)s)")
-    p.add_argument("--tcvae", action="store_true",
-                   help="β-TCVAE: β weighs only the total correlation (default: off)")
-    p.add_argument("--latents", type=int, help="latent dimensions (default: %(default)s)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--mig-samples", type=int,
-                   help="fixed images for MIG and the KL (default: %(default)s images)")
+# ---- Flags: the shared ones (the same in every script), then this script's own -----------------
+RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "out")
 
 
-def check_flags(a):
-    betas = a.beta if isinstance(a.beta, list) else [a.beta]
-    need(all(0 < b < math.inf for b in betas), f"--beta must be finite and > 0 (got {a.beta})")
-    need(0 < a.lr < math.inf, f"--lr must be finite and > 0 (got {a.lr})")
-    need(1 <= a.latents <= 1000, f"--latents must be in 1-1000 (got {a.latents})")
-    need(8 <= a.mig_samples <= 100000, f"--mig-samples must be in 8-100000 (got {a.mig_samples})")
-    need(not a.resume or len(betas) == 1, "--resume continues one run: give one --beta")
+def parse_args(argv=None):
+    """Defaults: DEFAULTS[--dataset], or on --resume the run's own flags (only RUN_FLAGS may
+    change). Returns the flags and the checkpoint (or None). Errors: one line, before any data."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0])
+    first.add_argument("--resume")
+    first.error = common.die  # argparse's errors: one line, exit status 1
+    known = first.parse_known_args(argv)[0]
+    ckpt = read_checkpoint(known.resume) if known.resume else None
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = common.die
+    gpu = torch.cuda.is_available()
+    p.add_argument("--dataset", choices=list(DEFAULTS), default=known.dataset, help="data")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where to train",
+                   default="cuda" if gpu else "cpu")
+    p.add_argument("--data-root", default="./data", help="holds MNIST/raw or img_align_celeba")
+    p.add_argument("--out", default="runs", help="the folder that run folders go in")
+    p.add_argument("--resume", help="a run folder to continue, with its own flags")
+    p.add_argument("--seed", type=between(0, 2 ** 31, int), default=1, help="weights, noise, order")
+    p.add_argument("--epochs", type=between(1, 10 ** 6, int), help="training epochs")
+    p.add_argument("--epoch-steps", type=between(0, 10 ** 9, int), help="0: a pass over the data")
+    p.add_argument("--steps", type=between(1, 10 ** 12, int), help="stop after this many in all")
+    p.add_argument("--batch-size", type=between(2, 4096, int), help="samples per step")
+    p.add_argument("--log-every", type=between(1, 10 ** 9, int), default=100, help="steps a line")
+    # ---- this script's own ----
+    p.add_argument("--beta", type=between(1e-6, 1e6), nargs="+",
+                   help="weight β of the KL (with --tcvae: of the total correlation); 1: the "
+                        "plain VAE; several values: a sweep, one run after the other")
+    p.add_argument("--tcvae", action="store_true", help="β-TCVAE: β weighs only the TC")
+    p.add_argument("--latents", type=between(1, 1000, int), help="latent dimensions")
+    p.add_argument("--lr", type=between(1e-9, 1), help="Adam learning rate")
+    p.add_argument("--mig-samples", type=between(8, 10 ** 5, int), help="fixed images for MIG")
+    p.set_defaults(**(ckpt["args"] if ckpt else DEFAULTS[known.dataset]))
+    args = p.parse_args(argv)
+    common.need(args.device == "cpu" or gpu, "--device cuda: no GPU here; use --device cpu")
+    common.need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
+    for flag, value in (ckpt["args"] if ckpt else {}).items():
+        common.need(flag in RUN_FLAGS or vars(args)[flag] == value,
+                    f"--resume keeps the run's --{flag.replace('_', '-')} {value}; leave it out")
+    return args, ckpt
 
 
 # ---- Models (disentanglement_lib's): q(z|x) = N(μ(x), diag σ²(x)); p(x|z) from logits ----------
@@ -132,80 +155,6 @@ def total_correlation(z, mu, logvar):
     return (log_qz - log_prod).mean()
 
 
-# ---- Metrics: the same code in beta_vae.py, vae_gan.py and vae_infogan.py ---------------------
-def kl_per_latent(mu, logvar):
-    """KL(q(z_j|x) ‖ N(0, 1)) of each latent j, mean over the batch: (L,)."""
-    # closed form for Gaussians: KL(N(μ, σ²) ‖ N(0, 1)) = ½ (μ² + σ² − log σ² − 1)
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).mean(0)
-
-
-def mi_matrix(codes, factors, sizes, bins=20):
-    """I(code_j; factor_k) / H(factor_k), (L, K), as disentanglement_lib: each code (N, L) cut into
-    `bins` equal-width bins over its range. A constant factor's column is NaN (H = 0)."""
-    lo = codes.min(0).values
-    width = (codes.max(0).values - lo).clamp_min(1e-12) / bins
-    binned = ((codes - lo) / width).long().clamp(0, bins - 1)  # (N, L)
-    columns = []
-    for k, size in enumerate(sizes):
-        f = factors[:, k].long()
-        counts = [torch.bincount(b * size + f, minlength=bins * size) for b in binned.T]
-        p_bf = torch.stack(counts).view(-1, bins, size).double() / len(f)  # (L, bins, size)
-        p_b = p_bf.sum(2, keepdim=True)
-        p_f = torch.bincount(f, minlength=size).double() / len(f)  # exact: a constant f has p = 1
-        # H(f) = −Σ_f p(f) log p(f); I(b; f) = Σ p(b, f) log p(b, f) / (p(b) p(f)), in nats
-        h_f = -torch.special.xlogy(p_f, p_f).sum()
-        mi = (torch.special.xlogy(p_bf, p_bf) - torch.special.xlogy(p_bf, p_b * p_f)).sum((1, 2))
-        columns.append(mi / h_f if h_f > 0 else torch.full_like(mi, math.nan))
-    return torch.stack(columns, dim=1)
-
-
-def factor_gaps(matrix):
-    """Per factor, the largest minus the second largest normalised MI: (K,), NaN if constant."""
-    top = matrix.sort(dim=0, descending=True).values
-    second = top[1] if len(top) > 1 else torch.zeros_like(top[0])
-    return top[0] - second
-
-
-def mig(codes, factors, sizes):
-    """Mutual Information Gap (Chen et al. 2018), the mean over the K non-constant factors v_k:
-    MIG = 1/K Σ_k (I(z_a; v_k) − max_{j≠a} I(z_j; v_k)) / H(v_k), a = argmax_j I(z_j; v_k)."""
-    return float(factor_gaps(mi_matrix(codes, factors, sizes)).nanmean())
-
-
-def disentanglement(mu, logvar, factors, sizes):
-    """The metrics row: MIG on the means μ(x) and on z ~ q(z|x) (one fixed draw), each factor's
-    gap (sampled), the sampled MI matrix as mi_z<j>_<factor>, and the active latents."""
-    noise = torch.randn(mu.shape, generator=torch.Generator().manual_seed(0), dtype=mu.dtype)
-    z = mu + (0.5 * logvar).exp() * noise
-    matrix = mi_matrix(z, factors, sizes)
-    kept = [k for k, size in enumerate(sizes) if size > 1]
-    gaps = factor_gaps(matrix)
-    row = {"mig": mig(mu, factors, sizes), "mig_sampled": float(gaps.nanmean())}
-    row.update({f"gap_{common.Sprites.FACTORS[k]}": float(gaps[k]) for k in kept})
-    row["active"] = int((kl_per_latent(mu, logvar) > ACTIVE_KL).sum())
-    for j in range(len(matrix)):
-        row.update({f"mi_z{j}_{common.Sprites.FACTORS[k]}": float(matrix[j, k]) for k in kept})
-    return row
-
-
-@torch.no_grad()
-def encode_posterior(enc, images, chunk=1000):
-    """μ(x), log σ²(x) (N, L) on the CPU, in chunks, the encoder in eval mode."""
-    was_training = enc.training
-    enc.eval()
-    out = torch.cat([enc(images[i:i + chunk].float()) for i in range(0, len(images), chunk)])
-    enc.train(was_training)
-    return out.cpu().chunk(2, dim=1)
-
-
-def recon_quality(x, rec):
-    """Pixel MSE of reconstructions rec against images x (both in [0, 1]) and the % of grey
-    reconstructed pixels (0.1 < rec < 0.9: blur, in binary images); each a mean over all pixels."""
-    mse = float((rec - x).pow(2).mean())
-    grey = 100 * float(((rec > 0.1) & (rec < 0.9)).float().mean())
-    return mse, grey
-
-
 # ---- ALGO LOGIC: one training step -------------------------------------------------------------
 def train_step(nets, opts, x, args):
     """One Adam step on a batch x (B, C, H, W) in [0, 1]. Returns detached (loss, recon, kl, tc)."""
@@ -215,7 +164,7 @@ def train_step(nets, opts, x, args):
     likelihood = "gaussian" if x.shape[1] == 3 else "bernoulli"
     recon = reconstruction_loss(nets["dec"](z), x, likelihood)
     # KL(q(z|x) ‖ N(0, I)): summed over the latents, a mean over the batch
-    kl = kl_per_latent(mu, logvar).sum()
+    kl = evaluation.kl_per_latent(mu, logvar).sum()
     tc = total_correlation(z, mu, logvar)  # logged always; a term of the loss with --tcvae
     if args.tcvae:
         # β-TCVAE (Chen et al. eq. 4, α = γ = 1): KL = index-code MI + TC + dimension-wise KL, and
@@ -249,18 +198,22 @@ def setup(args):
 
 
 @torch.no_grad()
+def decode(dec, z):
+    """Images (B, C, H, W) in [0, 1] of latents z, on the CPU (the decoder in eval mode)."""
+    dec.eval()
+    images = torch.sigmoid(dec(z)).cpu()
+    dec.train()
+    return images
+
+
+@torch.no_grad()
 def evaluate(nets, ctx, args):
     """Each latent's KL on the fixed images; reconstruction error and grey pixels on the first
-    1,000; with known factors, MIG both ways and the MI matrix."""
-    mu, logvar = encode_posterior(nets["enc"], ctx["x"])
-    row = {f"kl_z{j}": v for j, v in enumerate(kl_per_latent(mu, logvar).tolist())}
-    nets["dec"].eval()
-    rec = torch.sigmoid(nets["dec"](mu[:1000].to(args.device))).cpu()
-    nets["dec"].train()
-    row["mse"], row["grey_pct"] = recon_quality(ctx["x"][:1000].float().cpu(), rec)
-    if ctx["factors"] is not None:
-        row.update(disentanglement(mu, logvar, ctx["factors"], ctx["sizes"]))
-    return row
+    1,000; with known factors, MIG both ways and the MI matrix (evaluation.py)."""
+    mu, logvar = evaluation.encode_posterior(nets["enc"], ctx["x"])
+    rec = decode(nets["dec"], mu[:1000].to(args.device))
+    real = ctx["x"][:1000].float().cpu()
+    return evaluation.vae_measures(mu, logvar, real, rec, ctx["factors"], ctx["sizes"])
 
 
 @torch.no_grad()
@@ -304,207 +257,115 @@ def save_figures(nets, ctx, args, folder, row):
                               f"normalised MI of sampled z with each factor, step {step}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    betas = args.beta
-    out = args.out
-    if len(betas) > 1:
-        kind = "tcvae" if args.tcvae else "beta"
-        name = f"{SCRIPT[:-3]}__{args.dataset}__sweep-{kind}{'-'.join(f'{b:g}' for b in betas)}"
-        out = os.path.join(args.out, f"{name}__s{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-    runs = []
-    for beta in betas:  # one run after the other
-        runs.append(train(argparse.Namespace(**{**vars(args), "beta": beta, "out": out})))
-    if len(runs) > 1:
-        command = "python " + " ".join([SCRIPT, *(sys.argv[1:] if argv is None else argv)])
-        evaluation.compare_vae(runs, out, command)
-
-
 # ================================================================================================
 # PLUMBING: the same text in every script (a test checks it); a reader beside the report may skip
-# it. The shared flags, run folder, checkpoint, progress line; train(), the loop calling the hooks.
-RUN_FLAGS = ("device", "data_root", "epochs", "steps", "out", "resume", "log_every")
+# it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
+def between(lo, hi, kind=float):
+    """An argparse type: a `kind` in [lo, hi]; argparse turns the error into one line."""
+    def number(text):
+        if not lo <= kind(text) <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is not in [{lo:g}, {hi:g}]")
+        return kind(text)
+    return number
 
 
-def parse_args(argv=None):
-    """The shared flags, then the script's own (add_flags); defaults: DEFAULTS[--dataset]."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0])
-    pre.error = common.die  # argparse's own errors: one line, exit status 1 too
-    dataset = pre.parse_known_args(argv)[0].dataset
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=f"(defaults of --dataset {dataset})")
-    p.error = common.die
-    p.add_argument("--dataset", choices=list(DEFAULTS), help="training data (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--data-root", default="./data",
-                   help="folder holding MNIST/raw or img_align_celeba (default: %(default)s)")
-    p.add_argument("--out", default="runs", help="where the run folder goes (default: %(default)s)")
-    p.add_argument("--resume", help="checkpoint.pt or run folder to continue (default: none)")
-    p.add_argument("--seed", type=int, default=1,
-                   help="seed of the weights, data order and noise (default: %(default)s)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: %(default)s)")
-    p.add_argument("--epoch-steps", type=int, help="steps per epoch, at most a pass (0: a pass); "
-                   "metrics, figures, checkpoint at each epoch's end (default: %(default)s)")
-    p.add_argument("--steps", type=int, help="stop after this many steps in all (default: no cap)")
-    p.add_argument("--batch-size", type=int, help="samples per step (default: %(default)s)")
-    p.add_argument("--log-every", type=int, default=100,
-                   help="steps between progress lines (default: %(default)s)")
-    add_flags(p)
-    p.set_defaults(dataset=dataset, **DEFAULTS[dataset])
-    args = p.parse_args(argv)
-    need(0 <= args.seed <= 2 ** 31, "--seed must be between 0 and 2**31")
-    need(1 <= args.epochs <= 10 ** 6, "--epochs must be between 1 and 10**6")
-    need(args.epoch_steps >= 0, "--epoch-steps must be 0 or more")
-    need(args.steps is None or args.steps >= 1, "--steps must be 1 or more")
-    need(2 <= args.batch_size <= 4096, "--batch-size must be between 2 and 4096")
-    need(1 <= args.log_every <= 10 ** 9, "--log-every must be between 1 and 10**9")
-    cuda = args.device.startswith("cuda:") and args.device[5:].isdigit() or args.device == "cuda"
-    need(args.device == "cpu" or cuda, f"--device {args.device} is not a device; use cpu or cuda")
-    need(args.device == "cpu" or int(args.device[5:] or 0) < torch.cuda.device_count(),
-         f"--device {args.device}: no such CUDA GPU here; use --device cpu")
-    need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
-    check_flags(args)
-    return args
-
-
-def need(ok, message):  # stop with a one-line error (no traceback) unless ok
-    if not ok:
-        common.die(message)
-
-
-def make_run_folder(args):
-    """runs/<script>__<dataset>[__k<K>[-first-order]]__s<seed>__<time>/ and its config.json."""
-    name = f"{SCRIPT[:-3]}__{args.dataset}"
-    if "k" in vars(args):  # the unrolled scripts
-        name += f"__k{args.k}" + ("-first-order" if getattr(args, "first_order", False) else "")
-    # to the microsecond: a sweep's short runs, or runs begun together, never share a folder
-    folder = os.path.join(args.out, f"{name}__s{args.seed}__{datetime.now():%Y%m%d-%H%M%S-%f}")
-    chip = torch.cuda.get_device_name(args.device) if args.device != "cpu" else "cpu"
-    try:
-        os.makedirs(folder)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({**vars(args), "torch": torch.__version__, "device_name": chip}, f, indent=1)
-    except OSError as e:
-        common.die(f"cannot write the run folder {folder} ({e.strerror}); choose another --out")
-    return folder
-
-
-def load_checkpoint(args, nets, opts, data_gen):
-    """--resume: a checkpoint of this script with the same experiment flags, loaded without running
-    any code in it, into nets, opts and the RNGs. Returns its folder, step and seconds."""
-    path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
-    need(os.path.exists(path), f"--resume {path}: no such file or folder")
+def read_checkpoint(path):
+    """--resume: a run folder's checkpoint of this script, loaded without running code in it."""
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     try:  # weights_only: tensors, numbers, strings, containers; a pickle that runs code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"{path} is not a checkpoint this project can load safely ({type(e).__name__})")
-    need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
-         f"{path} is not a checkpoint of {SCRIPT}")
-    keys = ("args", "step", "seconds", "models", "optims", "rng")
-    need(all(key in ckpt for key in keys), f"{path} is not a complete checkpoint")
-    for flag in sorted(set(vars(args)) | set(ckpt["args"])):  # only RUN_FLAGS may change
-        now, then = vars(args).get(flag), ckpt["args"].get(flag)
-        need(flag in RUN_FLAGS or now == then, f"--{flag.replace('_', '-')} is {now} but {path} "
-             f"was trained with {then}; resume with the same value")
-    try:
-        for name, net in nets.items():
-            net.load_state_dict(ckpt["models"][name])
-        for name, opt in opts.items():
-            opt.load_state_dict(ckpt["optims"][name])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        data_gen.set_state(ckpt["rng"]["data"])
-        if args.device != "cpu" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], args.device)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        common.die(f"{path} does not fit these networks ({type(e).__name__}); "
-                   "resume with the flags it was made with")
-    folder = os.path.dirname(os.path.abspath(path))
-    common.truncate_metrics(os.path.join(folder, "metrics.csv"), ckpt["step"])  # rows past it go
-    return folder, ckpt["step"], ckpt["seconds"]
+        common.die(f"--resume {path}: not a checkpoint this project can load ({type(e).__name__})")
+    common.need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
+                f"--resume {path}: not a checkpoint of {SCRIPT}")
+    return {**ckpt, "folder": os.path.dirname(os.path.abspath(path))}
+
+
+def make_run_folder(args):
+    """runs/<script>__<dataset>[__k<K>][__beta<β>][__tcvae]__s<seed>__<time>/ with config.json."""
+    tags = [f"{flag}{vars(args)[flag]:g}" for flag in ("k", "beta") if flag in vars(args)]
+    tags += [flag.replace("_", "-") for flag in ("tcvae", "first_order") if vars(args).get(flag)]
+    tags += [f"s{args.seed}", f"{datetime.now():%Y%m%d-%H%M%S-%f}"]  # μs: no two runs collide
+    folder = os.path.join(args.out, "__".join([SCRIPT[:-3], args.dataset, *tags]))
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**vars(args), "torch": torch.__version__}, f, indent=1)
+    return folder
 
 
 def save_checkpoint(folder, args, step, seconds, nets, opts, data_rng):
     """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (temp file, rename)."""
-    cuda_rng = torch.cuda.get_rng_state(args.device) if args.device != "cpu" else None
     ckpt = {"script": SCRIPT, "args": vars(args), "step": step, "seconds": seconds,
             "models": {name: net.state_dict() for name, net in nets.items()},
             "optims": {name: opt.state_dict() for name, opt in opts.items()},
-            "rng": {"torch": torch.get_rng_state(), "data": data_rng, "cuda": cuda_rng}}
+            "rng": [torch.get_rng_state(), data_rng, torch.cuda.get_rng_state_all()]}
     torch.save(ckpt, os.path.join(folder, "checkpoint.tmp"))
     os.replace(os.path.join(folder, "checkpoint.tmp"), os.path.join(folder, "checkpoint.pt"))
 
 
-def progress(epoch, step, total, mean_losses, rate, args):
-    """The progress line: epoch, step, the mean losses since the last line, speed, time left."""
-    eta = (total - step) / max(rate, 1e-9)
-    losses = "  ".join(f"{name} {value:.3f}" for name, value in zip(LOSSES, mean_losses.tolist()))
-    print(f"epoch {epoch}/{args.epochs}  step {step}/{total}  {losses}"
-          f"  |  {rate:.1f} steps/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-
-
-def train(args):
-    """One run: seed, data, networks, the run folder; then epoch after epoch of train_step, and at
-    each epoch's end a metrics.csv row, the checkpoint and the figures. Returns the run folder."""
+def train(args, ckpt=None):
+    """One run: seed, data, networks, run folder; then train_step epoch after epoch and, at each
+    epoch's end, a metrics.csv row, the checkpoint and the figures. Returns the run folder."""
     # TRY NOT TO MODIFY: seeding
     torch.manual_seed(args.seed)  # the weights and the training noise
     data_gen = torch.Generator().manual_seed(args.seed)  # the order of the training data
     data, ctx = setup(args)
     nets, opts = build(args, data.shape)
     per_epoch = min(data.steps_per_epoch(args.batch_size), args.epoch_steps or math.inf)
-    need(per_epoch > 0, f"--batch-size {args.batch_size} is larger than the training set")
+    common.need(per_epoch > 0, f"--batch-size {args.batch_size} is larger than the training set")
     total = min(args.epochs * per_epoch, args.steps or math.inf)
-    if args.resume:
-        folder, step, seconds = load_checkpoint(args, nets, opts, data_gen)
+    if ckpt:  # continue that run: its folder, step and states
+        folder, step, seconds = ckpt["folder"], ckpt["step"], ckpt["seconds"]
+        for name, net in nets.items():
+            net.load_state_dict(ckpt["models"][name])
+        for name, opt in opts.items():
+            opt.load_state_dict(ckpt["optims"][name])
+        torch.set_rng_state(ckpt["rng"][0])
+        data_gen.set_state(ckpt["rng"][1])
+        torch.cuda.set_rng_state_all(ckpt["rng"][2])
+        common.truncate_metrics(os.path.join(folder, "metrics.csv"), step)  # rows after it go
     else:
         folder, step, seconds = make_run_folder(args), 0, 0.0
-    how = f"resumed at step {step}" if args.resume else "new run"
-    print(f"run folder {folder} ({how})", flush=True)
-    first_step, t_start = step, time.time()
-    first_bad = torch.full((len(LOSSES),), -1, device=args.device)  # each loss's first NaN/inf step
-
-    # THE LOOP: epoch after epoch, batch after batch
+    print(f"run folder {folder} ({'resumed' if ckpt else 'new run'} at step {step})", flush=True)
+    t_start = time.time()
+    bad = torch.full((len(LOSSES),), -1, device=args.device)  # each loss's first non-finite step
     while step < total:
         epoch = step // per_epoch  # 0-based
-        epoch_rng = data_gen.get_state()  # this epoch's order is drawn from it (saved mid-epoch)
-        begin, end = epoch * per_epoch, min((epoch + 1) * per_epoch, total)  # steps begin+1..end
-        epoch_start, line_start = step, step
-        epoch_sums = line_sums = 0
-        t_epoch = t_line = time.time()
+        epoch_rng = data_gen.get_state()  # this epoch's order is drawn from it
+        begin, end = epoch * per_epoch, min((epoch + 1) * per_epoch, total)
+        epoch_start, epoch_sums, t_epoch = step, 0, time.time()
         batches = data.epoch(args.batch_size, data_gen)  # a resumed run skips its first batches
         for x, _ in itertools.islice(batches, step - begin, end - begin):
             losses = train_step(nets, opts, x, args)
             step += 1
             epoch_sums = epoch_sums + losses  # on the device: no host sync per step
-            line_sums = line_sums + losses
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
+            bad = torch.where((bad < 0) & ~torch.isfinite(losses), step, bad)
             if step % args.log_every == 0 or step == end:
-                for name, at in zip(LOSSES, first_bad.tolist()):
-                    need(at < 0, f"{name} became NaN or infinite at step {at}; "
-                         "lower the learning rate or check the data")
-                rate = (step - line_start) / max(time.time() - t_line, 1e-9)
-                progress(epoch + 1, step, total, line_sums / (step - line_start), rate, args)
-                line_sums, line_start, t_line = 0, step, time.time()
-
+                for name, at in zip(LOSSES, bad.tolist()):
+                    common.need(at < 0, f"{name} became NaN or infinite at step {at}; lower the lr")
+                rate = (step - epoch_start) / (time.time() - t_epoch)  # the epoch's so far
+                means = (epoch_sums / (step - epoch_start)).tolist()
+                shown = "  ".join(f"{n} {v:.3f}" for n, v in zip(LOSSES, means))
+                print(f"epoch {epoch + 1}/{args.epochs}  step {step}/{total}  {shown}  |  "
+                      f"{rate:.1f} steps/s  ETA {(total - step) / rate / 60:.1f} min", flush=True)
         # the epoch's end (or --steps): a metrics.csv row, the checkpoint, the figures
         row = {"epoch": round(step / per_epoch, 3),
                "step": step,
-               "steps_per_s": (step - epoch_start) / (time.time() - t_epoch),  # before evaluate
+               "steps_per_s": rate,  # training alone, before evaluate
                "seconds": round(seconds + time.time() - t_start, 1),  # over resumes too
                **dict(zip(LOSSES, (epoch_sums / (step - epoch_start)).tolist())),
                **evaluate(nets, ctx, args)}
         common.append_metrics(os.path.join(folder, "metrics.csv"), row)
-        data_rng = epoch_rng if step % per_epoch else data_gen.get_state()  # mid-epoch: replay it
+        data_rng = epoch_rng if step % per_epoch else data_gen.get_state()  # mid-epoch: replay
         save_checkpoint(folder, args, step, row["seconds"], nets, opts, data_rng)
         save_figures(nets, ctx, args, folder, row)
-
-    wall, n = time.time() - t_start, step - first_step
-    peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(args.device) / 2 ** 20:.0f} MiB"
-            if args.device != "cpu" else "")
-    print(f"done: {n} steps in {wall:.1f} s ({n / max(wall, 1e-9):.2f} steps/s){peak}, "
-          f"run folder {folder}", flush=True)
     return folder
+
+
+def main(argv=None):
+    """One run; with several --k or --beta values a sweep, one run per value (evaluation.py)."""
+    args, ckpt = parse_args(argv)
+    return train(args, ckpt) if ckpt else evaluation.sweep(train, args, SCRIPT, argv)
 # ==================================== (end of the plumbing) ====================================
 
 

@@ -35,6 +35,12 @@ def die(message):
     raise SystemExit(f"error: {message}")
 
 
+def need(ok, message):
+    """die(message) unless ok."""
+    if not ok:
+        die(message)
+
+
 # ------------------------------------------------------------------------------------------------
 # Tensor datasets: the whole dataset on the device, batches by index
 # ------------------------------------------------------------------------------------------------

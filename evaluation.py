@@ -19,6 +19,7 @@ A metric that is undefined for a generator (a KL over an empty histogram) is NaN
 """
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -370,6 +371,96 @@ def mode_metrics(samples, modes, std, min_hq=10):
 
 
 # ------------------------------------------------------------------------------------------------
+# The VAE family's measures (beta_vae.py, vae_gan.py, vae_infogan.py), on fixed images each epoch
+# ------------------------------------------------------------------------------------------------
+ACTIVE_KL = 0.5  # a latent with less KL (nats) than this is switched off (carries ~nothing)
+
+
+def kl_per_latent(mu, logvar):
+    """KL(q(z_j|x) ‖ N(0, 1)) of each latent j, mean over the batch: (L,)."""
+    # closed form for Gaussians: KL(N(μ, σ²) ‖ N(0, 1)) = ½ (μ² + σ² − log σ² − 1)
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).mean(0)
+
+
+def mi_matrix(codes, factors, sizes, bins=20):
+    """I(code_j; factor_k) / H(factor_k), (L, K), as disentanglement_lib: each code (N, L) cut into
+    `bins` equal-width bins over its range. A constant factor's column is NaN (H = 0)."""
+    lo = codes.min(0).values
+    width = (codes.max(0).values - lo).clamp_min(1e-12) / bins
+    binned = ((codes - lo) / width).long().clamp(0, bins - 1)  # (N, L)
+    columns = []
+    for k, size in enumerate(sizes):
+        f = factors[:, k].long()
+        counts = [torch.bincount(b * size + f, minlength=bins * size) for b in binned.T]
+        p_bf = torch.stack(counts).view(-1, bins, size).double() / len(f)  # (L, bins, size)
+        p_b = p_bf.sum(2, keepdim=True)
+        p_f = torch.bincount(f, minlength=size).double() / len(f)  # exact: a constant f has p = 1
+        # H(f) = −Σ_f p(f) log p(f); I(b; f) = Σ p(b, f) log p(b, f) / (p(b) p(f)), in nats
+        h_f = -torch.special.xlogy(p_f, p_f).sum()
+        mi = (torch.special.xlogy(p_bf, p_bf) - torch.special.xlogy(p_bf, p_b * p_f)).sum((1, 2))
+        columns.append(mi / h_f if h_f > 0 else torch.full_like(mi, math.nan))
+    return torch.stack(columns, dim=1)
+
+
+def factor_gaps(matrix):
+    """Per factor, the largest minus the second largest normalised MI: (K,), NaN if constant."""
+    top = matrix.sort(dim=0, descending=True).values
+    second = top[1] if len(top) > 1 else torch.zeros_like(top[0])
+    return top[0] - second
+
+
+def mig(codes, factors, sizes):
+    """Mutual Information Gap (Chen et al. 2018), the mean over the K non-constant factors v_k:
+    MIG = 1/K Σ_k (I(z_a; v_k) − max_{j≠a} I(z_j; v_k)) / H(v_k), a = argmax_j I(z_j; v_k)."""
+    return float(factor_gaps(mi_matrix(codes, factors, sizes)).nanmean())
+
+
+def disentanglement(mu, logvar, factors, sizes):
+    """The metrics row: MIG on the means μ(x) and on z ~ q(z|x) (one fixed draw), each factor's
+    gap (sampled), the sampled MI matrix as mi_z<j>_<factor>, and the active latents."""
+    noise = torch.randn(mu.shape, generator=torch.Generator().manual_seed(0), dtype=mu.dtype)
+    z = mu + (0.5 * logvar).exp() * noise
+    matrix = mi_matrix(z, factors, sizes)
+    kept = [k for k, size in enumerate(sizes) if size > 1]
+    gaps = factor_gaps(matrix)
+    row = {"mig": mig(mu, factors, sizes), "mig_sampled": float(gaps.nanmean())}
+    row.update({f"gap_{common.Sprites.FACTORS[k]}": float(gaps[k]) for k in kept})
+    row["active"] = int((kl_per_latent(mu, logvar) > ACTIVE_KL).sum())
+    for j in range(len(matrix)):
+        row.update({f"mi_z{j}_{common.Sprites.FACTORS[k]}": float(matrix[j, k]) for k in kept})
+    return row
+
+
+@torch.no_grad()
+def encode_posterior(enc, images, chunk=1000):
+    """μ(x), log σ²(x) (N, L) on the CPU, in chunks, the encoder in eval mode."""
+    was_training = enc.training
+    enc.eval()
+    out = torch.cat([enc(images[i:i + chunk].float()) for i in range(0, len(images), chunk)])
+    enc.train(was_training)
+    return out.cpu().chunk(2, dim=1)
+
+
+def recon_quality(x, rec):
+    """Pixel MSE of reconstructions rec against images x (both in [0, 1]) and the % of grey
+    reconstructed pixels (0.1 < rec < 0.9: blur, in binary images); each a mean over all pixels."""
+    mse = float((rec - x).pow(2).mean())
+    grey = 100 * float(((rec > 0.1) & (rec < 0.9)).float().mean())
+    return mse, grey
+
+
+def vae_measures(mu, logvar, real, rec, factors, sizes):
+    """A VAE-family metrics row: each latent's KL (means over the images), pixel MSE and grey
+    pixels of rec against real (first images, in [0, 1]) and, with known factors (N, 5) of the
+    images, MIG both ways, the gaps and the MI matrix (disentanglement)."""
+    row = {f"kl_z{j}": v for j, v in enumerate(kl_per_latent(mu, logvar).tolist())}
+    row["mse"], row["grey_pct"] = recon_quality(real, rec)
+    if factors is not None:
+        row.update(disentanglement(mu, logvar, factors, sizes))
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
 # Comparing runs: a K sweep, or the same sweep over several seeds
 # ------------------------------------------------------------------------------------------------
 # the report's Q-loss table: K → (L_I continuous, L_I discrete)
@@ -688,20 +779,42 @@ def compare_vae(paths, out, command):
     return lines
 
 
+def compare_runs(paths, out, command):
+    """comparison.md of GAN runs (compare) or of VAE-family runs (compare_vae)."""
+    scripts = {os.path.basename(d).split("__")[0] for d in run_folders(paths)}
+    if scripts and scripts <= set(VAE_SCRIPTS):
+        return compare_vae(paths, out, command)
+    return compare(paths, out, command)
+
+
+def sweep(train, args, script, argv=None):
+    """A script's runs: one per value of --k and --beta (each combination), one after the other.
+    Several go in one sweep folder with their comparison.md. Returns the last run's folder."""
+    swept = [flag for flag in ("k", "beta") if isinstance(vars(args).get(flag), list)]
+    settings = list(itertools.product(*(vars(args)[flag] for flag in swept)))
+    out = args.out
+    if len(settings) > 1:
+        name = f"{script[:-3]}__{args.dataset}__sweep__s{args.seed}"
+        out = os.path.join(out, f"{name}__{time.strftime('%Y%m%d-%H%M%S')}")
+    runs = []
+    for values in settings:
+        run = {**vars(args), **dict(zip(swept, values)), "out": out}
+        runs.append(train(argparse.Namespace(**run)))
+    if len(runs) > 1:
+        command = " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+        compare_runs(runs, out, command)
+    return runs[-1]
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Compare run folders of unrolled_infogan.py or "
-                                "infogan.py (a sweep folder stands for its runs): comparison.md "
-                                "and fig12_q_loss.png (Fig 3 on ring/grid).")
+    p = argparse.ArgumentParser(description="Compare the run folders of any script (a sweep "
+                                "folder stands for its runs): comparison.md and its figures.")
     p.add_argument("runs", nargs="+", help="run or sweep folders")
     p.add_argument("--out", default="comparison",
                    help="folder for comparison.md and the figures (default: %(default)s)")
     args = p.parse_args(argv)
     command = "python evaluation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    scripts = {os.path.basename(d).split("__")[0] for d in run_folders(args.runs)}
-    if scripts and scripts <= set(VAE_SCRIPTS):
-        compare_vae(args.runs, args.out, command)
-    else:
-        compare(args.runs, args.out, command)
+    compare_runs(args.runs, args.out, command)
 
 
 if __name__ == "__main__":
