@@ -17,7 +17,6 @@ import math
 import os
 import time
 from datetime import datetime
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -257,23 +256,9 @@ def information_losses(q, c_cat, c_cont, n_cat):
 
 
 # ---- The unrolled look-ahead (eqs. 8-11) -------------------------------------------------------
-# Pure tensor functions, no host sync. D's optimised parameters are ONE flat vector θ (P,), so the
-# differentiable Adam is a few vector operations; views of θ feed functional_call.
+# D's parameters that opt_d owns become ONE flat vector θ (P,), so the differentiable Adam is a
+# few vector operations; views of θ feed functional_call. No host sync.
 TINY = 1e-30  # sqrt(v + TINY): d sqrt(v)/dv is infinite at v = 0 (a zero gradient), 0·inf = NaN
-
-
-class DSnapshot(NamedTuple):
-    """D's state at the start of the look-ahead, as fresh tensors aliasing nothing of D or opt_d."""
-    names: list  # the parameters opt_d owns, in θ's order
-    shapes: list  # their shapes
-    theta: torch.Tensor  # (P,) their values, one flat vector
-    m: torch.Tensor  # (P,) Adam's first moments
-    v: torch.Tensor  # (P,) Adam's second moments
-    step: int  # Adam's steps so far
-    fixed: dict  # D's parameters opt_d does not own (here Q's head), detached
-    buffers: dict  # copies of D's buffers (BatchNorm's running statistics)
-    betas: tuple  # opt_d's Adam settings
-    eps: float
 
 
 def flat_adam_state(opt, p, key):
@@ -284,30 +269,31 @@ def flat_adam_state(opt, p, key):
 
 
 def snapshot_d(D, opt_d):
-    """D's state, a DSnapshot: θ, Adam's m, v and step, D's other parameters, its buffers."""
-    owned = {id(p) for group in opt_d.param_groups for p in group["params"]}
-    names = [name for name, p in D.named_parameters() if id(p) in owned]
-    params = [p for p in D.parameters() if id(p) in owned]
-    theta = torch.cat([p.detach().reshape(-1) for p in params])
-    m = torch.cat([flat_adam_state(opt_d, p, "exp_avg") for p in params])
-    v = torch.cat([flat_adam_state(opt_d, p, "exp_avg_sq") for p in params])
-    first_state = opt_d.state.get(params[0], {})
-    # Adam keeps its step on the CPU (not capturable): int() costs no device sync
-    step = int(first_state["step"]) if "step" in first_state else 0
-    fixed = {name: p.detach() for name, p in D.named_parameters() if id(p) not in owned}
-    buffers = {name: b.clone() for name, b in D.named_buffers()}
+    """D where the look-ahead starts, as fresh tensors aliasing nothing of D or opt_d: θ, Adam's
+    m, v (P,) and step t; D's other parameters (Q's head) and copies of its buffers in "rest"."""
+    owned = {id(p) for p in opt_d.param_groups[0]["params"]}
+    named = [(name, p) for name, p in D.named_parameters() if id(p) in owned]
+    params = [p for _, p in named]
+    rest = {name: p.detach() for name, p in D.named_parameters() if id(p) not in owned}
+    rest.update({name: b.clone() for name, b in D.named_buffers()})
     group = opt_d.param_groups[0]
-    return DSnapshot(names, [p.shape for p in params], theta, m, v, step, fixed, buffers,
-                     group["betas"], group["eps"])
+    return {"names": [name for name, _ in named],
+            "shapes": [p.shape for p in params],
+            "theta": torch.cat([p.detach().reshape(-1) for p in params]),
+            "m": torch.cat([flat_adam_state(opt_d, p, "exp_avg") for p in params]),
+            "v": torch.cat([flat_adam_state(opt_d, p, "exp_avg_sq") for p in params]),
+            "t": int(opt_d.state.get(params[0], {}).get("step", 0)),  # on the CPU: no sync
+            "rest": rest,
+            "betas": group["betas"],
+            "eps": group["eps"]}
 
 
 def d_forward(D, snap, theta, x):
-    """D(x) with the parameters opt_d owns taken from the flat θ (kept in the autograd graph);
-    D's outputs, its logit first."""
-    sizes = [math.prod(shape) for shape in snap.shapes]
-    views = zip(snap.names, theta.split(sizes), snap.shapes)
-    params = {name: t.view(shape) for name, t, shape in views}
-    return functional_call(D, {**params, **snap.fixed, **snap.buffers}, (x,))
+    """D(x) with opt_d's parameters taken from the flat θ (in the autograd graph), the rest from
+    the snapshot; D's outputs, its logit first."""
+    views = theta.split([math.prod(shape) for shape in snap["shapes"]])
+    params = {name: t.view(s) for name, t, s in zip(snap["names"], views, snap["shapes"])}
+    return functional_call(D, {**params, **snap["rest"]}, (x,))
 
 
 def adam_step(theta, m, v, grad, t, lr, betas, eps):
@@ -325,7 +311,7 @@ def unroll(D, snap, x_real, x_fake, k, lr, first_order=False):
     θ_D^K. Exact: θ_D^K stays a differentiable function of θ_G (through x_fake, in every step:
     create_graph=True), so backprop through f_K gives both terms of eq. (11); first_order detaches
     θ_D^k and x_fake, dropping the second term."""
-    theta, m, v = snap.theta.requires_grad_(), snap.m, snap.v
+    theta, m, v = snap["theta"].requires_grad_(), snap["m"], snap["v"]
     fake = x_fake.detach() if first_order else x_fake
     for i in range(k):
         if first_order:
@@ -334,7 +320,8 @@ def unroll(D, snap, x_real, x_fake, k, lr, first_order=False):
         fake_logit, *_ = d_forward(D, snap, theta, fake)
         loss = d_loss(real_logit, fake_logit)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=not first_order)
-        theta, m, v = adam_step(theta, m, v, grad, snap.step + i + 1, lr, snap.betas, snap.eps)
+        t = snap["t"] + i + 1
+        theta, m, v = adam_step(theta, m, v, grad, t, lr, snap["betas"], snap["eps"])
     return theta.detach() if first_order else theta
 
 
