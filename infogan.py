@@ -48,17 +48,11 @@ RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "o
 def parse_args(argv=None):
     """Defaults: DEFAULTS[--dataset], or on --resume the run's own flags (only RUN_FLAGS may
     change). Returns the flags and the checkpoint (or None). Errors: one line, before any data."""
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0])
-    first.add_argument("--resume")
-    first.error = common.die  # argparse's errors: one line, exit status 1
-    known = first.parse_known_args(argv)[0]
-    ckpt = read_checkpoint(known.resume) if known.resume else None
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = common.die
+    p.error = common.die  # argparse's errors: one line, exit status 1
     gpu = torch.cuda.is_available()
-    p.add_argument("--dataset", choices=list(DEFAULTS), default=known.dataset, help="data")
+    p.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0], help="data")
     p.add_argument("--device", choices=["cpu", "cuda"], help="where to train",
                    default="cuda" if gpu else "cpu")
     p.add_argument("--data-root", default="./data", help="holds MNIST/raw or img_align_celeba")
@@ -74,7 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--width", type=between(1 / 64, 4), help="× every hidden size; 1: the paper's")
     p.add_argument("--lr-g", type=between(1e-9, 1), help="Adam learning rate of G and Q's head")
     p.add_argument("--lr-d", type=between(1e-9, 1), help="Adam learning rate of D")
+    known = p.parse_known_args(argv)[0]  # --dataset and --resume choose the defaults
+    ckpt = read_checkpoint(known.resume) if known.resume else None
     p.set_defaults(**(ckpt["args"] if ckpt else DEFAULTS[known.dataset]))
+    p.add_argument("-h", "--help", action="help", help="show this help and exit")
     args = p.parse_args(argv)
     common.need(args.device == "cpu" or gpu, "--device cuda: no GPU here; use --device cpu")
     common.need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
@@ -101,8 +98,7 @@ def generator(n_latent, width=1.0):
         nn.BatchNorm2d(h3),
         nn.ReLU(),
         nn.ConvTranspose2d(h3, 1, 4, 2, 1),  # (B, 1, 28, 28)
-        nn.Tanh(),  # pixels in [-1, 1]
-    )
+        nn.Tanh())  # pixels in [-1, 1]
 
 
 class Discriminator(nn.Module):
@@ -122,15 +118,13 @@ class Discriminator(nn.Module):
             nn.Flatten(),  # (B, 6272)
             nn.Linear(h2 * 7 * 7, h3),  # (B, 1024)
             nn.BatchNorm1d(h3),
-            nn.LeakyReLU(0.1),
-        )
+            nn.LeakyReLU(0.1))
         self.d_head = nn.Linear(h3, 1)  # (B, 1)
         self.q_head = nn.Sequential(
             nn.Linear(h3, h4),  # (B, 128)
             nn.BatchNorm1d(h4),
             nn.LeakyReLU(0.1),
-            nn.Linear(h4, n_cat + n_cont),  # (B, n_cat + n_cont)
-        )
+            nn.Linear(h4, n_cat + n_cont))  # (B, n_cat + n_cont)
 
     def forward(self, x):
         """(B, 1, 28, 28) -> D's logit (B,), Q's outputs (B, n_cat + n_cont)."""
@@ -164,18 +158,17 @@ def traversal_latents(z, c_cont, code, values, n_cat):
 
 
 def fixed_latents(args, device):
-    """The figures' latents, the same at every epoch: one z with the continuous codes at 0 for the
-    traversals, and 10 latents per categorical value for samples.png."""
+    """The figures' latents, the same every epoch: one z (the codes at 0) for the traversals,
+    and 10 latents per categorical value for samples.png."""
     g = torch.Generator().manual_seed(args.seed)
     n = 10 * args.n_cat
     z = torch.randn(args.n_noise, generator=g)
     samples_z = torch.randn(n, args.n_noise, generator=g)
     samples_cat = torch.arange(args.n_cat).repeat_interleave(10)
     samples_cont = torch.rand(n, args.n_cont, generator=g) * 2 - 1
-    fixed = {"z": z,
-             "c_cont": torch.zeros(args.n_cont),
-             "values": torch.linspace(-2, 2, 10),  # the traversals' columns
-             "samples": make_latent(samples_z, samples_cat, samples_cont, args.n_cat)}
+    samples = make_latent(samples_z, samples_cat, samples_cont, args.n_cat)
+    values = torch.linspace(-2, 2, 10)  # the traversals' columns
+    fixed = dict(z=z, c_cont=torch.zeros(args.n_cont), values=values, samples=samples)
     return {name: t.to(device) for name, t in fixed.items()}
 
 

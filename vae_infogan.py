@@ -52,17 +52,11 @@ RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "o
 def parse_args(argv=None):
     """Defaults: DEFAULTS[--dataset], or on --resume the run's own flags (only RUN_FLAGS may
     change). Returns the flags and the checkpoint (or None). Errors: one line, before any data."""
-    first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0])
-    first.add_argument("--resume")
-    first.error = common.die  # argparse's errors: one line, exit status 1
-    known = first.parse_known_args(argv)[0]
-    ckpt = read_checkpoint(known.resume) if known.resume else None
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = common.die
+    p.error = common.die  # argparse's errors: one line, exit status 1
     gpu = torch.cuda.is_available()
-    p.add_argument("--dataset", choices=list(DEFAULTS), default=known.dataset, help="data")
+    p.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0], help="data")
     p.add_argument("--device", choices=["cpu", "cuda"], help="where to train",
                    default="cuda" if gpu else "cpu")
     p.add_argument("--data-root", default="./data", help="holds MNIST/raw or img_align_celeba")
@@ -88,7 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=between(1e-9, 1), help="Adam learning rate, also the unroll's")
     p.add_argument("--width", type=between(1 / 32, 32), help="× 32 channels of the first conv")
     p.add_argument("--mig-samples", type=between(8, 10 ** 5, int), help="fixed images for MIG")
+    known = p.parse_known_args(argv)[0]  # --dataset and --resume choose the defaults
+    ckpt = read_checkpoint(known.resume) if known.resume else None
     p.set_defaults(**(ckpt["args"] if ckpt else DEFAULTS[known.dataset]))
+    p.add_argument("-h", "--help", action="help", help="show this help and exit")
     args = p.parse_args(argv)
     common.need(args.device == "cpu" or gpu, "--device cuda: no GPU here; use --device cpu")
     common.need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
