@@ -1,10 +1,11 @@
 """Speed benchmark: steps/s, images/s and peak memory of each script's training step.
 
-Each case runs the real script in a subprocess for 2·N steps with a progress line every N steps;
-the last line's steps/s (measured over that interval only) is the warm speed, so start-up, data
-loading, the first steps (allocator, cuDNN autotune) and the figures written at the end are not in
-the figure. Peak memory is the CUDA peak the script prints, or on the CPU the child's peak resident
-set (os.wait4's rusage).
+Each case runs the real script in a subprocess for two epochs of N steps (--epoch-steps N
+--steps 2N); the warm speed is the steps_per_s of the last row of the run's metrics.csv, which
+covers the second epoch's training steps alone, so start-up, data loading, the first steps
+(allocator, cuDNN autotune), the evaluation and the figures at each epoch's end are not in the
+figure. Peak memory: on the CPU the child's peak resident set (os.wait4's rusage); on a GPU "-" (the
+scripts no longer print their CUDA peak; one they print is shown).
 
     python benchmark.py --device cpu  --data-root /tmp/mnist --steps 20
     python benchmark.py --device cuda --data-root /tmp/mnist --steps 200 --only unrolled_infogan
@@ -12,6 +13,7 @@ set (os.wait4's rusage).
     python benchmark.py --time-steps --device cuda   # s per unrolled_infogan.py step, K = 0-10
 """
 import argparse
+import csv
 import os
 import re
 import subprocess
@@ -41,8 +43,8 @@ CASES = [
     ("beta_vae sprites", "beta_vae.py", 64, ["--dataset", "sprites"]),
     ("vae_gan sprites (width 0.125)", "vae_gan.py", 32,
      ["--dataset", "sprites", "--width", "0.125"]),
-    ("vae_infogan sprites k3 (width 16)", "vae_infogan.py", 32,
-     ["--dataset", "sprites", "--k", "3", "--width", "16"]),
+    ("vae_infogan sprites k3 (width 0.5)", "vae_infogan.py", 32,
+     ["--dataset", "sprites", "--k", "3", "--width", "0.5"]),
     ("lab beta_vae squares", "beta_vae.py", 64, ["--dataset", "squares", "--beta", "1"]),
     ("lab vae_gan squares", "vae_gan.py", 64, ["--dataset", "squares"]),
     ("lab vae_infogan squares k0", "vae_infogan.py", 64, ["--dataset", "squares", "--k", "0"]),
@@ -51,11 +53,13 @@ CASES = [
 
 
 def run_case(script, batch, flags, args, out_dir):
-    """(warm steps/s or None, 'peak memory; wall') of one script run, or (None, why it failed)."""
+    """(warm steps/s or None, 'peak memory; wall') of one script run, or (None, why it failed).
+    The warm speed: the steps_per_s of the second (last) epoch's metrics.csv row."""
     cmd = [sys.executable, os.path.join(HERE, script), *flags,
            "--device", args.device,
            "--data-root", args.data_root,
            "--batch-size", str(batch),
+           "--epoch-steps", str(args.steps),
            "--steps", str(2 * args.steps),
            "--log-every", str(args.steps),
            "--out", out_dir,
@@ -69,14 +73,24 @@ def run_case(script, batch, flags, args, out_dir):
     if proc.returncode != 0:
         last = output.strip().splitlines()[-1] if output.strip() else ""
         return None, f"failed (rc {proc.returncode}): {last}"
-    progress = "\n".join(line for line in output.splitlines() if not line.startswith("done"))
-    rates = re.findall(r"([\d.]+) steps/s", progress)
+    # the script's first line: "run folder <folder> (new run at step 0)"
+    folder = re.search(r"^run folder (.+) \((?:new run|resumed) at step \d+\)$", output, re.M)
+    if not folder:
+        return None, "no 'run folder' line in the output"
+    path = os.path.join(out_dir, folder.group(1), "metrics.csv")  # relative to the child's cwd
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        rate = float(rows[-1]["steps_per_s"])
+    except (OSError, IndexError, KeyError, ValueError) as e:
+        return None, f"no steps_per_s in {path} ({type(e).__name__})"
     gpu = re.search(r"peak GPU memory ([\d.]+) MiB", output)
-    if gpu:
+    if args.device == "cpu":
+        mem = f"{usage.ru_maxrss / 1024:.0f} MiB (RSS)"
+    elif gpu:
         mem = f"{float(gpu.group(1)):.0f} MiB (GPU)"
     else:
-        mem = f"{usage.ru_maxrss / 1024:.0f} MiB (RSS)"
-    rate = float(rates[-1]) if rates else None
+        mem = "-"  # the scripts no longer print their peak GPU memory
     return rate, f"{mem}; {time.time() - t0:.0f} s wall"
 
 
@@ -85,7 +99,7 @@ def script_args(U, k, first_order, device, width):
     flags = ["--k", str(k), "--device", device, "--width", str(width)]
     if first_order:
         flags.append("--first-order")
-    args = U.parse_args(flags)
+    args, _ = U.parse_args(flags)  # (flags, checkpoint): no --resume, so no checkpoint
     args.k = k
     return args
 
@@ -143,8 +157,8 @@ def main(argv=None):
                    help="device passed to every script (default: %(default)s)")
     p.add_argument("--data-root", default="./data", help="MNIST root (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20,
-                   help="steps per measured interval, after as many warm-up steps "
-                        "(default: %(default)s)")
+                   help="steps per epoch of a case, whose second epoch is measured (with "
+                        "--time-steps: steps timed) (default: %(default)s)")
     p.add_argument("--only", default="",
                    help="run only cases whose name contains this text (default: all)")
     p.add_argument("--markdown", default=None,

@@ -1,14 +1,11 @@
-"""β-VAE and β-TCVAE: report §IV; traversals and KL per latent drawn as its Figs. 14 and 15.
+"""β-VAE and β-TCVAE: report §IV; Figs. 14 (traversals), 15 (KL per latent).
 
-Higgins et al. 2017, "β-VAE: Learning basic visual concepts with a constrained variational
-framework" (ICLR); with --tcvae, β weighs only the total correlation of the aggregate posterior
-(Chen et al. 2018, "Isolating sources of disentanglement in VAEs", β-TCVAE). The 64x64 conv nets
-of disentanglement_lib (Locatello et al. 2019), smaller ones for 28x28 MNIST; β = 1 is the plain
-VAE. Each epoch, on fixed images: each latent's KL and, on sprites and squares (known factors),
-MIG on the posterior means and on z sampled from q(z|x), and the latent × factor MI matrix.
+Higgins et al. 2017 (β-VAE; β = 1: the plain VAE); --tcvae: β weighs only the
+total correlation (Chen et al. 2018, β-TCVAE). Each epoch, on fixed images: KL
+per latent; with known factors, MIG of μ and of sampled z, and the MI matrix.
 
-    python beta_vae.py --dataset squares --beta 1 8 --seed 3   # Lab 3: plain β-VAE, β = 1 and 8
-    python beta_vae.py --dataset squares --tcvae --beta 30 --seed 3   # Lab 3: β-TCVAE, β = 30
+    python beta_vae.py --dataset squares --beta 1 8 --seed 3  # Lab 3
+    python beta_vae.py --dataset squares --tcvae --beta 30 --seed 3  # Lab 3
 """
 import argparse
 import itertools
@@ -25,22 +22,22 @@ import common
 import evaluation
 
 SCRIPT = "beta_vae.py"
-LOSSES = ("loss", "recon", "kl", "tc")  # what train_step returns, in this order
+LOSSES = ("loss", "recon", "kl", "tc")  # train_step's, in order
 DEFAULTS = {"sprites": dict(
-    epochs=26,  # 26 passes of 11,520 steps: about disentanglement_lib's 300,000 steps on dSprites
-    epoch_steps=0,  # an epoch is one pass over the 737,280 factor combinations
-    batch_size=64,  # disentanglement_lib's batch size
-    lr=5e-4,  # Burgess et al.'s (2018) Adam learning rate
+    epochs=26,  # 26 x 11,520 steps ≈ disentanglement_lib's 300,000
+    epoch_steps=0,  # an epoch: a pass over the 737,280 combinations
+    batch_size=64,  # disentanglement_lib's
+    lr=5e-4,  # Adam, as Burgess et al. (2018)
     beta=[4.0],  # Higgins et al.'s for dSprites
     tcvae=False,
     latents=10,  # Higgins et al.'s for dSprites
-    mig_samples=10000)}  # MIG on 10,000 fixed images, as disentanglement_lib measures it
+    mig_samples=10000)}  # as disentanglement_lib measures MIG
 DEFAULTS["squares"] = {
     **DEFAULTS["sprites"],
-    "epochs": 12,  # the lab: 12 epochs of 240 steps (5 passes over the 6,144 squares each)
-    "batch_size": 128,  # β-TCVAE estimates q(z) on the batch: at 64 it found the axes less often
-    "mig_samples": 6144}  # every one of the 6,144 squares
-DEFAULTS["mnist"] = {**DEFAULTS["sprites"], "epochs": 20}  # 20 passes: no paper run to follow
+    "epochs": 12,  # the lab: 12 x 240 steps (5 passes over the squares each)
+    "batch_size": 128,  # β-TCVAE's q(z) is per batch: 64 found the axes less often
+    "mig_samples": 6144}  # every square
+DEFAULTS["mnist"] = {**DEFAULTS["sprites"], "epochs": 20}  # no paper run to follow
 DEFAULTS["celeba"] = DEFAULTS["mnist"]
 
 
@@ -49,48 +46,47 @@ RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "o
 
 
 def parse_args(argv=None):
-    """Defaults: DEFAULTS[--dataset], or on --resume the run's own flags (only RUN_FLAGS may
-    change). Returns the flags and the checkpoint (or None). Errors: one line, before any data."""
+    """Defaults: DEFAULTS[--dataset], or the flags of the run --resume continues
+    (only RUN_FLAGS may change). Returns the flags and the checkpoint (or None)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = common.die  # argparse's errors: one line, exit status 1
     gpu = torch.cuda.is_available()
     p.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0], help="data")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="where to train",
+    p.add_argument("--device", choices=["cpu", "cuda"], help="device",
                    default="cuda" if gpu else "cpu")
-    p.add_argument("--data-root", default="./data", help="holds MNIST/raw or img_align_celeba")
-    p.add_argument("--out", default="runs", help="the folder that run folders go in")
-    p.add_argument("--resume", help="a run folder to continue, with its own flags")
-    p.add_argument("--seed", type=between(0, 2 ** 31, int), default=1, help="weights, noise, order")
-    p.add_argument("--epochs", type=between(1, 10 ** 6, int), help="training epochs")
-    p.add_argument("--epoch-steps", type=between(0, 10 ** 9, int), help="0: a pass over the data")
-    p.add_argument("--steps", type=between(1, 10 ** 12, int), help="stop after this many in all")
-    p.add_argument("--batch-size", type=between(2, 4096, int), help="samples per step")
-    p.add_argument("--log-every", type=between(1, 10 ** 9, int), default=100, help="steps a line")
+    p.add_argument("--data-root", default="./data", help="MNIST/raw or CelebA's")
+    p.add_argument("--out", default="runs", help="where run folders go")
+    p.add_argument("--resume", help="a run folder to continue")
+    p.add_argument("--seed", type=between(0, 2 ** 31, int), default=1, help="seed")
+    p.add_argument("--epochs", type=between(1, 10 ** 6, int), help="epochs")
+    p.add_argument("--epoch-steps", type=between(0, 10 ** 9, int), help="0: a pass")
+    p.add_argument("--steps", type=between(1, 10 ** 12, int), help="steps in all")
+    p.add_argument("--batch-size", type=between(2, 4096, int), help="images a step")
+    p.add_argument("--log-every", type=between(1, 10 ** 9, int), default=100, help="steps")
     # ---- this script's own ----
     p.add_argument("--beta", type=between(1e-6, 1e6), nargs="+",
-                   help="weight β of the KL (with --tcvae: of the total correlation); 1: the "
-                        "plain VAE; several values: a sweep, one run after the other")
+                   help="KL weight (--tcvae: TC weight); 1: plain VAE; several: a sweep")
     p.add_argument("--tcvae", action="store_true", help="β-TCVAE: β weighs only the TC")
     p.add_argument("--latents", type=between(1, 1000, int), help="latent dimensions")
     p.add_argument("--lr", type=between(1e-9, 1), help="Adam learning rate")
     p.add_argument("--mig-samples", type=between(8, 10 ** 5, int), help="fixed images for MIG")
-    known = p.parse_known_args(argv)[0]  # --dataset and --resume choose the defaults
+    known = p.parse_known_args(argv)[0]  # --dataset and --resume set the defaults
     ckpt = read_checkpoint(known.resume) if known.resume else None
     p.set_defaults(**(ckpt["args"] if ckpt else DEFAULTS[known.dataset]))
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     args = p.parse_args(argv)
-    common.need(args.device == "cpu" or gpu, "--device cuda: no GPU here; use --device cpu")
-    common.need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
+    common.need(args.device == "cpu" or gpu, "--device cuda: no GPU here; use cpu")
+    common.need(not os.path.isfile(args.out), f"--out {args.out} is a file")
     for flag, value in (ckpt["args"] if ckpt else {}).items():
         common.need(flag in RUN_FLAGS or vars(args)[flag] == value,
-                    f"--resume keeps the run's --{flag.replace('_', '-')} {value}; leave it out")
+                    f"--resume keeps the run's {flag} = {value}; leave it out")
     return args, ckpt
 
 
-# ---- Models (disentanglement_lib's): q(z|x) = N(μ(x), diag σ²(x)); p(x|z) from logits ----------
+# ---- Models: disentanglement_lib's (Locatello et al. 2019) ----
 def conv_encoder(channels, size, latents):
-    """x (B, C, H, W) -> [μ, log σ²] (B, 2·latents): 4x4 stride-2 convs, FC 256, FC."""
+    """x (B, C, H, W) -> [μ, log σ²] (B, 2L): q(z|x) = N(μ, diag σ²)."""
     if size == 28:
         return nn.Sequential(
             nn.Conv2d(channels, 32, 4, 2, 1), nn.ReLU(),  # (B, 32, 14, 14)
@@ -109,7 +105,7 @@ def conv_encoder(channels, size, latents):
 
 
 def conv_decoder(channels, size, latents):
-    """The encoder mirrored: z (B, latents) -> logits (B, C, H, W)."""
+    """The encoder mirrored: z (B, L) -> logits of p(x|z) (B, C, H, W)."""
     if size == 28:
         return nn.Sequential(
             nn.Linear(latents, 256), nn.ReLU(),
@@ -127,48 +123,45 @@ def conv_decoder(channels, size, latents):
         nn.ConvTranspose2d(32, channels, 4, 2, 1))  # (B, C, 64, 64)
 
 
-# ---- Losses ------------------------------------------------------------------------------------
+# ---- Losses ----
 def reconstruction_loss(logits, x, likelihood):
-    """−log p(x|z): bernoulli (binary sprites, grey MNIST) or gaussian, σ² = ½ (colour CelebA)."""
+    """−log p(x|z): bernoulli (sprites, MNIST) or gaussian, σ² = ½ (CelebA)."""
     if likelihood == "bernoulli":
-        # Σ_pixels BCE(x, sigmoid(logits)), a mean over the batch
+        # Σ_pixels BCE(x, sigmoid(logits)), a batch mean
         bce = nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-        return bce / x.shape[0]
-    # Σ_pixels (sigmoid(logits) − x)², a mean over the batch (the Gaussian's constant dropped)
-    return nn.functional.mse_loss(torch.sigmoid(logits), x, reduction="sum") / x.shape[0]
+        return bce / len(x)
+    # Σ_pixels (sigmoid(logits) − x)², a batch mean (constant dropped)
+    return nn.functional.mse_loss(torch.sigmoid(logits), x, reduction="sum") / len(x)
 
 
 def total_correlation(z, mu, logvar):
-    """TC = KL(q(z) ‖ Π_j q(z_j)), a mean over the batch, estimated as Chen et al. (2018) do, with
-    the batch's posteriors: q(z_i) ≈ 1/B Σ_k q(z_i | x_k). (Their minibatch-weighted sampling
-    divides by B·N, N the data size; that adds (L − 1)·log N to TC, a constant without gradient.)"""
-    batch = z.shape[0]
-    # log N(z_il; μ_kl, σ_kl²) = −½ (log 2π + log σ_kl² + (z_il − μ_kl)² / σ_kl²) of sample i under
-    # posterior k, latent l: (B, B, L)
-    var = logvar.exp()
-    log_q = -0.5 * (math.log(2 * math.pi) + logvar[None] + (z[:, None] - mu[None]) ** 2 / var[None])
-    log_qz = torch.logsumexp(log_q.sum(2), dim=1) - math.log(batch)  # log q(z_i), (B,)
-    log_prod = (torch.logsumexp(log_q, dim=1) - math.log(batch)).sum(1)  # Σ_l log q(z_il), (B,)
+    """TC = KL(q(z) ‖ Π_j q(z_j)), a batch mean; q(z_i) ≈ 1/B Σ_k q(z_i|x_k). Chen et al.
+    (2018) divide by B·N, N the data size: TC + (L − 1) log N, a constant."""
+    b = len(z)
+    # log N(z_il; μ_kl, σ_kl²): sample i, posterior k, latent l (B, B, L)
+    sq = (z[:, None] - mu[None]) ** 2 / logvar.exp()[None]
+    log_q = -0.5 * (math.log(2 * math.pi) + logvar[None] + sq)
+    log_qz = torch.logsumexp(log_q.sum(2), dim=1) - math.log(b)  # log q(z_i) (B,)
+    log_prod = (torch.logsumexp(log_q, dim=1) - math.log(b)).sum(1)  # Σ_l log q(z_il)
     return (log_qz - log_prod).mean()
 
 
-# ---- ALGO LOGIC: one training step -------------------------------------------------------------
+# ---- ALGO LOGIC: one training step ----
 def train_step(nets, opts, x, args):
-    """One Adam step on a batch x (B, C, H, W) in [0, 1]. Returns detached (loss, recon, kl, tc)."""
+    """One Adam step on x (B, C, H, W) in [0, 1]; returns the LOSSES."""
     mu, logvar = nets["enc"](x).chunk(2, dim=1)
     # reparameterisation: z = μ + σ ε, ε ~ N(0, I)
     z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
     likelihood = "gaussian" if x.shape[1] == 3 else "bernoulli"
     recon = reconstruction_loss(nets["dec"](z), x, likelihood)
-    # KL(q(z|x) ‖ N(0, I)): summed over the latents, a mean over the batch
+    # KL(q(z|x) ‖ N(0, I)): a sum over latents, a batch mean
     kl = evaluation.kl_per_latent(mu, logvar).sum()
-    tc = total_correlation(z, mu, logvar)  # logged always; a term of the loss with --tcvae
+    tc = total_correlation(z, mu, logvar)  # logged; a loss term with --tcvae
     if args.tcvae:
-        # β-TCVAE (Chen et al. eq. 4, α = γ = 1): KL = index-code MI + TC + dimension-wise KL, and
-        # only the TC gets β: loss = recon + KL + (β − 1) TC
+        # β-TCVAE (Chen et al. eq. 4, α = γ = 1): KL = MI + TC + Σ_j KL_j, β on the TC
         loss = recon + kl + (args.beta - 1) * tc
     else:
-        # β-VAE (Higgins et al. eq. 4), negated: loss = −E_q[log p(x|z)] + β KL(q(z|x) ‖ p(z))
+        # β-VAE (Higgins et al. eq. 4), negated: −E_q[log p(x|z)] + β KL
         loss = recon + args.beta * kl
     opts["opt"].zero_grad(set_to_none=True)
     loss.backward()
@@ -176,18 +169,18 @@ def train_step(nets, opts, x, args):
     return torch.stack([loss, recon, kl, tc]).detach()
 
 
-# ---- Setup, evaluation, figures ----------------------------------------------------------------
+# ---- Setup, evaluation, figures ----
 def build(args, shape):
     """Encoder, decoder and one Adam over both."""
-    enc = conv_encoder(shape[0], shape[1], args.latents).to(args.device)
-    dec = conv_decoder(shape[0], shape[1], args.latents).to(args.device)
-    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=args.lr)
-    return {"enc": enc, "dec": dec}, {"opt": opt}
+    enc = conv_encoder(*shape[:2], args.latents).to(args.device)
+    dec = conv_decoder(*shape[:2], args.latents).to(args.device)
+    params = [*enc.parameters(), *dec.parameters()]
+    return {"enc": enc, "dec": dec}, {"opt": torch.optim.Adam(params, lr=args.lr)}
 
 
 def setup(args):
-    """Images in [0, 1] (the decoder's sigmoid), the fixed evaluation images, 64 prior samples."""
-    data = common.load_data(args.dataset, args.data_root, torch.device(args.device))
+    """Images in [0, 1] (for the sigmoid), fixed evaluation images, 64 prior samples."""
+    data = common.load_data(args.dataset, args.data_root, args.device)
     x, factors = common.fixed_images(data, args.mig_samples, args.seed)
     g = torch.Generator().manual_seed(args.seed)
     z = torch.randn(64, args.latents, generator=g).to(args.device)
@@ -205,8 +198,7 @@ def decode(dec, z):
 
 @torch.no_grad()
 def evaluate(nets, ctx, args):
-    """Each latent's KL on the fixed images; reconstruction error and grey pixels on the first
-    1,000; with known factors, MIG both ways and the MI matrix (evaluation.py)."""
+    """KL per latent; MSE, grey pixels (1,000 images); with factors, MIG, MI matrix."""
     mu, logvar = evaluation.encode_posterior(nets["enc"], ctx["x"])
     rec = decode(nets["dec"], mu[:1000].to(args.device))
     real = ctx["x"][:1000].float().cpu()
@@ -215,50 +207,47 @@ def evaluate(nets, ctx, args):
 
 @torch.no_grad()
 def save_figures(nets, ctx, args, folder, row):
-    """reconstructions.png, samples.png, fig14_traversals.png, fig15_kl_per_latent.png,
-    mi_matrix.png (known factors), losses.png."""
-    enc, dec = nets["enc"], nets["dec"]
-    step = row["step"]
-    model = f"β-TCVAE β = {args.beta:g}" if args.tcvae else f"β-VAE β = {args.beta:g}"
-    enc.eval()
-    dec.eval()
-    x = ctx["x"][:8].float()
-    mu = enc(x).chunk(2, dim=1)[0]
-    rec = torch.sigmoid(dec(mu))
+    """Reconstructions, samples, Figs. 14-15, MI matrix, losses."""
+    def png(name):
+        return os.path.join(folder, name + ".png")
+    dec, step = nets["dec"], row["step"]
+    model = f"{'β-TCVAE' if args.tcvae else 'β-VAE'} β = {args.beta:g}"
+    mu = evaluation.encode_posterior(nets["enc"], ctx["x"][:8])[0].to(args.device)
+    x = ctx["x"][:8].float().cpu()  # (8, C, H, W)
     title = (f"{model} reconstructions (posterior mean), step {step}\n"
              f"pixel MSE {row['mse']:.4f}, grey pixels {row['grey_pct']:.1f}% (evaluation images)")
-    common.save_grid(torch.cat([x, rec]), os.path.join(folder, "reconstructions.png"), nrow=8,
-                     row_labels=["real", "recon"], title=title)
-    common.save_grid(torch.sigmoid(dec(ctx["z"])), os.path.join(folder, "samples.png"), nrow=8,
+    common.save_grid(torch.cat([x, decode(dec, mu)]), png("reconstructions"),
+                     nrow=8, row_labels=["real", "recon"], title=title)
+    common.save_grid(decode(dec, ctx["z"]), png("samples"), nrow=8,
                      title=f"{model} prior samples, step {step}")
-    # Fig. 14: the encoded image 0 in the first column, then latent j moved ±3 around μ_j
+    # Fig. 14: image 0 encoded (first column), then latent j at μ_j ± 3
     order = sorted(range(args.latents), key=lambda j: -row[f"kl_z{j}"])[:10]
     values = torch.linspace(-3, 3, 9)
     offsets = torch.eye(args.latents)[order, None] * values[:, None]  # (rows, 9, L)
-    moved = torch.sigmoid(dec((mu[0] + offsets.to(mu.device)).flatten(0, 1)))
+    moved = decode(dec, (mu[0] + offsets.to(mu.device)).flatten(0, 1))
+    moved = moved.unflatten(0, (len(order), 9))  # (rows, 9, C, H, W)
     labels = [f"z{j} KL {row[f'kl_z{j}']:.2f} {common.carried(row, j)}" for j in order]
-    common.save_traversal(moved.unflatten(0, (len(order), 9)),
-                          os.path.join(folder, "fig14_traversals.png"), values, labels,
-                          f"{model}: latents by KL, the factor each carries, step {step}",
-                          inputs=x[:1].expand(len(order), *x.shape[1:]))
-    enc.train()
-    dec.train()
+    common.save_traversal(
+        moved, png("fig14_traversals"), values, labels,
+        f"{model}: latents by KL, the factor each carries, step {step}",
+        inputs=x[:1].expand(len(order), *x.shape[1:]))
+    gif = os.path.join(folder, "traversal.gif")  # one row per latent, moving
+    common.save_traversal_gif(moved.transpose(0, 1)[:, :, None], gif, values, labels, model)
     metrics = os.path.join(folder, "metrics.csv")
-    common.plot_metrics(metrics, [f"kl_z{j}" for j in order],
-                        os.path.join(folder, "fig15_kl_per_latent.png"), x="step",
-                        ylabel="KL (nats)")
-    common.plot_metrics(metrics, list(LOSSES), os.path.join(folder, "losses.png"), x="step",
-                        logy=True, title=f"{model} losses")
+    common.plot_metrics(metrics, [f"kl_z{j}" for j in order], png("fig15_kl_per_latent"),
+                        x="step", ylabel="KL (nats)")
+    common.plot_metrics(metrics, list(LOSSES), png("losses"), x="step", logy=True,
+                        title=f"{model} losses")
     if ctx["factors"] is not None:
-        common.save_mi_matrix(row, args.latents, os.path.join(folder, "mi_matrix.png"),
+        common.save_mi_matrix(row, args.latents, png("mi_matrix"),
                               f"normalised MI of sampled z with each factor, step {step}")
 
 
 # ================================================================================================
-# PLUMBING: the same text in every script (a test checks it); a reader beside the report may skip
-# it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
+# PLUMBING: the same text in every script (a test checks it); a reader beside the report may
+# skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
 def between(lo, hi, kind=float):
-    """An argparse type: a `kind` in [lo, hi]; argparse turns the error into one line."""
+    """An argparse type: a `kind` in [lo, hi]."""
     def number(text):
         if not lo <= kind(text) <= hi:
             raise argparse.ArgumentTypeError(f"{text} is not in [{lo:g}, {hi:g}]")
@@ -267,22 +256,22 @@ def between(lo, hi, kind=float):
 
 
 def read_checkpoint(path):
-    """--resume: a run folder's checkpoint of this script, loaded without running code in it."""
+    """--resume: a run folder's checkpoint (or its path) of this script."""
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    try:  # weights_only: tensors, numbers, strings, containers; a pickle that runs code is refused
+    try:  # weights_only: a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"--resume {path}: not a checkpoint this project can load ({type(e).__name__})")
+        common.die(f"--resume {path}: cannot load it ({type(e).__name__})")
     common.need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
                 f"--resume {path}: not a checkpoint of {SCRIPT}")
     return {**ckpt, "folder": os.path.dirname(os.path.abspath(path))}
 
 
 def make_run_folder(args):
-    """runs/<script>__<dataset>[__k<K>][__beta<β>][__tcvae]__s<seed>__<time>/ with config.json."""
-    tags = [f"{flag}{vars(args)[flag]:g}" for flag in ("k", "beta") if flag in vars(args)]
-    tags += [flag.replace("_", "-") for flag in ("tcvae", "first_order") if vars(args).get(flag)]
-    tags += [f"s{args.seed}", f"{datetime.now():%Y%m%d-%H%M%S-%f}"]  # μs: no two runs collide
+    """runs/<script>__<dataset>[__k<K>][__beta<β>][__tcvae]__s<seed>__<time>/"""
+    tags = [f"{f}{vars(args)[f]:g}" for f in ("k", "beta") if f in vars(args)]
+    tags += [f.replace("_", "-") for f in ("tcvae", "first_order") if vars(args).get(f)]
+    tags += [f"s{args.seed}", f"{datetime.now():%Y%m%d-%H%M%S-%f}"]  # μs: unique
     folder = os.path.join(args.out, "__".join([SCRIPT[:-3], args.dataset, *tags]))
     os.makedirs(folder)
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -291,25 +280,25 @@ def make_run_folder(args):
 
 
 def save_checkpoint(folder, args, step, seconds, nets, opts, data_rng):
-    """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (temp file, rename)."""
+    """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (rename)."""
     ckpt = {"script": SCRIPT, "args": vars(args), "step": step, "seconds": seconds,
-            "models": {name: net.state_dict() for name, net in nets.items()},
-            "optims": {name: opt.state_dict() for name, opt in opts.items()},
+            "models": {k: net.state_dict() for k, net in nets.items()},
+            "optims": {k: opt.state_dict() for k, opt in opts.items()},
             "rng": [torch.get_rng_state(), data_rng, torch.cuda.get_rng_state_all()]}
     torch.save(ckpt, os.path.join(folder, "checkpoint.tmp"))
     os.replace(os.path.join(folder, "checkpoint.tmp"), os.path.join(folder, "checkpoint.pt"))
 
 
 def train(args, ckpt=None):
-    """One run: seed, data, networks, run folder; then train_step epoch after epoch and, at each
-    epoch's end, a metrics.csv row, the checkpoint and the figures. Returns the run folder."""
+    """One run: train_step epoch after epoch; at each epoch's end a metrics.csv
+    row, the checkpoint and the figures. Returns the run folder."""
     # TRY NOT TO MODIFY: seeding
-    torch.manual_seed(args.seed)  # the weights and the training noise
-    data_gen = torch.Generator().manual_seed(args.seed)  # the order of the training data
+    torch.manual_seed(args.seed)  # weights and training noise
+    data_gen = torch.Generator().manual_seed(args.seed)  # data order
     data, ctx = setup(args)
     nets, opts = build(args, data.shape)
     per_epoch = min(data.steps_per_epoch(args.batch_size), args.epoch_steps or math.inf)
-    common.need(per_epoch > 0, f"--batch-size {args.batch_size} is larger than the training set")
+    common.need(per_epoch > 0, "--batch-size is larger than the data")
     total = min(args.epochs * per_epoch, args.steps or math.inf)
     if ckpt:  # continue that run: its folder, step and states
         folder, step, seconds = ckpt["folder"], ckpt["step"], ckpt["seconds"]
@@ -320,37 +309,38 @@ def train(args, ckpt=None):
         torch.set_rng_state(ckpt["rng"][0])
         data_gen.set_state(ckpt["rng"][1])
         torch.cuda.set_rng_state_all(ckpt["rng"][2])
-        common.truncate_metrics(os.path.join(folder, "metrics.csv"), step)  # rows after it go
+        common.truncate_metrics(os.path.join(folder, "metrics.csv"), step)  # rows after it
     else:
         folder, step, seconds = make_run_folder(args), 0, 0.0
     print(f"run folder {folder} ({'resumed' if ckpt else 'new run'} at step {step})", flush=True)
     t_start = time.time()
-    bad = torch.full((len(LOSSES),), -1, device=args.device)  # each loss's first non-finite step
+    bad = torch.full((len(LOSSES),), -1, device=args.device)  # first non-finite steps
     while step < total:
         epoch = step // per_epoch  # 0-based
-        epoch_rng = data_gen.get_state()  # this epoch's order is drawn from it
+        epoch_rng = data_gen.get_state()  # draws this epoch's order
         begin, end = epoch * per_epoch, min((epoch + 1) * per_epoch, total)
         epoch_start, epoch_sums, t_epoch = step, 0, time.time()
-        batches = data.epoch(args.batch_size, data_gen)  # a resumed run skips its first batches
+        # a resumed run skips the batches it has seen
+        batches = data.epoch(args.batch_size, data_gen)
         for x, _ in itertools.islice(batches, step - begin, end - begin):
             losses = train_step(nets, opts, x, args)
             step += 1
-            epoch_sums = epoch_sums + losses  # on the device: no host sync per step
-            bad = torch.where((bad < 0) & ~torch.isfinite(losses), step, bad)
+            epoch_sums = epoch_sums + losses  # no host sync per step
+            bad = torch.where((bad < 0) & ~losses.isfinite(), step, bad)
             if step % args.log_every == 0 or step == end:
                 for name, at in zip(LOSSES, bad.tolist()):
-                    common.need(at < 0, f"{name} became NaN or infinite at step {at}; lower the lr")
-                rate = (step - epoch_start) / (time.time() - t_epoch)  # the epoch's so far
+                    common.need(at < 0, f"{name} is NaN or inf at step {at}; lower the lr")
+                rate = (step - epoch_start) / (time.time() - t_epoch)
                 means = (epoch_sums / (step - epoch_start)).tolist()
                 shown = "  ".join(f"{n} {v:.3f}" for n, v in zip(LOSSES, means))
                 print(f"epoch {epoch + 1}/{args.epochs}  step {step}/{total}  {shown}  |  "
                       f"{rate:.1f} steps/s  ETA {(total - step) / rate / 60:.1f} min", flush=True)
-        # the epoch's end (or --steps): a metrics.csv row, the checkpoint, the figures
+        # the epoch's end: a metrics.csv row, the checkpoint, the figures
         row = {"epoch": round(step / per_epoch, 3),
                "step": step,
-               "steps_per_s": rate,  # training alone, before evaluate
-               "seconds": round(seconds + time.time() - t_start, 1),  # over resumes too
-               **dict(zip(LOSSES, (epoch_sums / (step - epoch_start)).tolist())),
+               "steps_per_s": rate,  # training alone
+               "seconds": round(seconds + time.time() - t_start, 1),
+               **dict(zip(LOSSES, means)),
                **evaluate(nets, ctx, args)}
         common.append_metrics(os.path.join(folder, "metrics.csv"), row)
         data_rng = epoch_rng if step % per_epoch else data_gen.get_state()  # mid-epoch: replay
@@ -360,11 +350,10 @@ def train(args, ckpt=None):
 
 
 def main(argv=None):
-    """One run; with several --k or --beta values a sweep, one run per value (evaluation.py)."""
+    """One run; several --k or --beta values: a sweep (evaluation.py)."""
     args, ckpt = parse_args(argv)
     return train(args, ckpt) if ckpt else evaluation.sweep(train, args, SCRIPT, argv)
 # ==================================== (end of the plumbing) ====================================
-
 
 
 if __name__ == "__main__":

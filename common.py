@@ -1,17 +1,7 @@
-"""Shared plumbing for the five scripts: data loading and image-grid / plot utilities, nothing else.
+"""Shared by the five scripts: data loading and image-grid / plot utilities, nothing else.
 
-Every model, loss, training loop, metric and checkpoint lives in its own script (CleanRL-style: the
-duplication between scripts is deliberate, see README.md). This file only
-
-* loads data as tensors that live on the run's device (no DataLoader workers: batches are slices
-  of a random permutation), with one-line errors when data is missing or corrupt;
-* renders a dSprites-like dataset with known factors on the fly (``sprites``);
-* samples the 2-D toy mixtures of the Unrolled GAN paper (``ring``, ``grid``);
-* saves image grids (with row/column labels), traversal grids, scatter rows and metric curves.
-
-Pixel range: every image dataset yields float images in [0, 1], or in [-1, 1] (2x - 1) when a
-script with a tanh generator loads it with ``signed=True``.
-"""
+Models, losses, loops and checkpoints live in each script (CleanRL-style, see README.md). Data
+live on the device, batched by index; images are floats in [0, 1], or 2x - 1 when signed (tanh)."""
 import contextlib
 import csv
 import io
@@ -22,6 +12,7 @@ import matplotlib
 import PIL.Image
 
 matplotlib.use("Agg")
+import matplotlib.animation  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
@@ -41,33 +32,25 @@ def need(ok, message):
         die(message)
 
 
-# ------------------------------------------------------------------------------------------------
-# Tensor datasets: the whole dataset on the device, batches by index
-# ------------------------------------------------------------------------------------------------
+# ---- Tensor datasets: the whole dataset on the device, batches by index -------------------------
 class Indexed:
-    """A dataset whose batches are made from indices on the device: `batch(idx)` and `__len__`
-    from the subclass."""
+    """A dataset batched by indices on the device; the subclass gives `batch(idx)`, `__len__`."""
 
     def steps_per_epoch(self, batch_size):
         return len(self) // batch_size
 
     def epoch(self, batch_size, generator):
-        """One pass in random order (drawn on the CPU, copied to the device once); the last
-        incomplete batch is dropped."""
+        """One pass in random order (drawn on the CPU, copied once), no partial last batch."""
         perm = torch.randperm(len(self), generator=generator).to(self.device)
         for i in range(len(self) // batch_size):
             yield self.batch(perm[i * batch_size:(i + 1) * batch_size])
 
 
 class TensorData(Indexed):
-    """Images stored as uint8 (N, C, H, W) on the device, with optional labels (N,) or factors
-    (N, F). Batches are floats in [0, 1], or in [-1, 1] when signed (for a tanh generator)."""
+    """uint8 images (N, C, H, W) and optional labels (N,) on the device; batches are floats."""
 
     def __init__(self, images, labels=None, name="", signed=False):
-        self.images = images
-        self.labels = labels
-        self.name = name
-        self.signed = signed
+        self.images, self.labels, self.name, self.signed = images, labels, name, signed
         self.device = images.device
 
     def __len__(self):
@@ -78,8 +61,7 @@ class TensorData(Indexed):
         return tuple(self.images.shape[1:])
 
     def batch(self, idx):
-        """Float images (B, C, H, W) in [0, 1] (or [-1, 1]) and their labels (or None) for an
-        index tensor."""
+        """Float images (B, C, H, W) and their labels (or None) for an index tensor."""
         x = self.images[idx].float().div_(255)
         x = x.mul_(2).sub_(1) if self.signed else x
         return x, (None if self.labels is None else self.labels[idx])
@@ -93,35 +75,30 @@ def load_mnist(root, device, train=True, signed=False):
         try:
             ds = torchvision.datasets.MNIST(root, train=train, download=False)
         except RuntimeError:  # not on disk: try to download it, quietly
-            quiet_stdout = contextlib.redirect_stdout(io.StringIO())
-            quiet_stderr = contextlib.redirect_stderr(io.StringIO())
-            with quiet_stdout, quiet_stderr:
+            quiet = io.StringIO()
+            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
                 ds = torchvision.datasets.MNIST(root, train=train, download=True)
     except Exception as e:  # no network, truncated download, ...
-        reason = type(e).__name__
-        die(f"MNIST ({split}) not found in {root}/MNIST/raw and the download failed ({reason}). "
-            f"Put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-            f"t10k-labels-idx1-ubyte in ROOT/MNIST/raw/ and pass --data-root ROOT")
+        die(f"MNIST ({split}) not found in {root}/MNIST/raw and the download failed "
+            f"({type(e).__name__}). Put train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+            f"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in ROOT/MNIST/raw/ and pass "
+            f"--data-root ROOT")
     n, h, w = ds.data.shape
-    if ds.data.dtype != torch.uint8 or (h, w) != (28, 28) or ds.targets.shape != (n,) or n == 0:
-        found = f"images {tuple(ds.data.shape)} {ds.data.dtype}, labels {tuple(ds.targets.shape)}"
-        die(f"MNIST ({split}) in {root}/MNIST/raw is corrupt: {found}; "
-            f"delete that folder and supply the original files")
-    if int(ds.targets.min()) < 0 or int(ds.targets.max()) > 9:
-        die(f"MNIST ({split}) in {root}/MNIST/raw is corrupt: labels outside 0-9")
+    found = f"images {tuple(ds.data.shape)} {ds.data.dtype}, labels {tuple(ds.targets.shape)}"
+    need(ds.data.dtype == torch.uint8 and (h, w) == (28, 28) and ds.targets.shape == (n,) and n > 0,
+         f"MNIST ({split}) in {root}/MNIST/raw is corrupt: {found}; "
+         f"delete that folder and supply the original files")
+    need(0 <= int(ds.targets.min()) and int(ds.targets.max()) <= 9,
+         f"MNIST ({split}) in {root}/MNIST/raw is corrupt: labels outside 0-9")
     images = ds.data.unsqueeze(1).to(device)  # (N, 1, 28, 28)
-    labels = ds.targets.long().to(device)
-    return TensorData(images, labels, "mnist", signed)
+    return TensorData(images, ds.targets.long().to(device), "mnist", signed)
 
 
 def find_images(root):
-    """Image files of a folder in the CelebA layout (ROOT/img_align_celeba/*.jpg), or of ROOT
-    itself."""
+    """Image files in the CelebA layout (ROOT/img_align_celeba/*.jpg), or in ROOT itself."""
     root = os.path.abspath(os.path.expanduser(root))
-    candidates = (os.path.join(root, "celeba", "img_align_celeba"),
-                  os.path.join(root, "img_align_celeba"),
-                  root)
-    for folder in candidates:
+    for folder in (os.path.join(root, "celeba", "img_align_celeba"),
+                   os.path.join(root, "img_align_celeba"), root):
         if os.path.isdir(folder):
             files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
             if files:
@@ -133,8 +110,7 @@ def find_images(root):
 
 
 def load_image_folder(root, device, size=64, limit=None, signed=False):
-    """Colour images of a folder, centre-cropped (at most 148 px, as usual for CelebA) and
-    resized to size²."""
+    """A folder's colour images, centre-cropped (≤ 148 px, as for CelebA), resized to size²."""
     files = find_images(root)[:limit]
     out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
     for i, path in enumerate(files):
@@ -150,21 +126,13 @@ def load_image_folder(root, device, size=64, limit=None, signed=False):
     return TensorData(out.to(device), None, "celeba", signed)
 
 
-# ------------------------------------------------------------------------------------------------
-# Sprites: a dSprites-like dataset rendered on the fly from its factors
-# ------------------------------------------------------------------------------------------------
+# ---- Sprites: a dSprites-like dataset rendered on the fly from its factors ----------------------
 class Sprites(Indexed):
-    """dSprites' factor layout (shape 3, scale 6, orientation 40, x 32, y 32; 64x64 binary images),
-    rendered on the device from the factors. Not the original dSprites file: our own renderer.
-    ``squares=True``: the reduced lab variant, one square shape and no rotation (scale 6, x 32,
-    y 32: 6,144 images); shape and orientation stay in the layout as constant factors, and an
-    epoch is 5 passes over the 6,144 (so that evaluation comes every 480 steps at batch 64).
+    """dSprites' factors (shape 3, scale 6, orientation 40, x 32, y 32) as 64x64 binary images, our
+    own rendering; an index is a combination (mixed radix, last fastest): an epoch visits each once.
+    ``squares``: the lab's one shape, one orientation (6,144 images), 5 passes an epoch."""
 
-    An index names one factor combination (mixed radix, last factor fastest), so an epoch visits
-    every combination once (squares: 5 times), like one pass over dSprites."""
-
-    FACTORS = ("shape", "scale", "orientation", "pos_x", "pos_y")
-    SHAPES = ("square", "ellipse", "heart")
+    FACTORS = ("shape", "scale", "orientation", "pos_x", "pos_y")  # shape: square, ellipse, heart
     SIZE = 64
 
     def __init__(self, device, signed=False, squares=False):
@@ -197,49 +165,40 @@ class Sprites(Indexed):
         f = factors.to(self.device)
         scale = 0.5 + 0.1 * f[:, 1].float()  # 0.5, 0.6, ..., 1.0
         theta = 2 * math.pi * f[:, 2].float() / self.SIZES[2]
-        # centres keep the shape inside the frame
-        cx = 0.2 + 0.6 * f[:, 3].float() / (self.SIZES[3] - 1)
+        cx = 0.2 + 0.6 * f[:, 3].float() / (self.SIZES[3] - 1)  # the shape stays in the frame
         cy = 0.2 + 0.6 * f[:, 4].float() / (self.SIZES[4] - 1)
         r = (0.16 * scale)[:, None, None]
         dx, dy = self.px - cx[:, None, None], self.py - cy[:, None, None]
         cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-        # the shape's frame, rotated by theta
-        u = (cos * dx + sin * dy) / r
-        v = (-sin * dx + cos * dy) / r
+        u, v = (cos * dx + sin * dy) / r, (-sin * dx + cos * dy) / r  # the frame rotated by theta
         square = torch.maximum(u.abs(), v.abs()) <= 0.8
         ellipse = u ** 2 + (v / 0.5) ** 2 <= 1
         # heart curve (a² + b² - 1)³ - a² b³ <= 0, point down the image
-        a = 1.1 * u
-        b = 0.15 - 1.1 * v
+        a, b = 1.1 * u, 0.15 - 1.1 * v
         heart = (a ** 2 + b ** 2 - 1) ** 3 - a ** 2 * b ** 3 <= 0
         s = f[:, 0][:, None, None]
         img = torch.where(s == 0, square, torch.where(s == 1, ellipse, heart)).float().unsqueeze(1)
         return img.mul_(2).sub_(1) if self.signed else img
 
     def batch(self, idx):
-        """Images (B, 1, 64, 64) in {0, 1} (or {-1, 1}) and their factor indices (B, 5), for
-        indices on the device."""
+        """Images (B, 1, 64, 64) in {0, 1} (or {-1, 1}) and factor indices (B, 5) of indices."""
         f = self.factors(idx)
         return self.render(f), f
 
     def eval_set(self, n, seed=0):
-        """A fixed evaluation set of n random combinations (the same for every run with this
-        seed)."""
+        """A fixed evaluation set of n random combinations (the same for every run)."""
         g = torch.Generator().manual_seed(seed)
         return self.batch(torch.randperm(self.combinations, generator=g)[:n].to(self.device))
 
 
-# ------------------------------------------------------------------------------------------------
-# Toy 2-D mixtures of the Unrolled GAN paper (report Fig. 3)
-# ------------------------------------------------------------------------------------------------
+# ---- Toy 2-D mixtures of the Unrolled GAN paper (report Fig. 3) ---------------------------------
 class ToyData:
     """``ring``: 8 Gaussians at angles 2πk/8 on a circle of radius 2; ``grid``: 5x5 Gaussians at
     {-4, -2, 0, 2, 4}²; std 0.02 each, equal weights. An 'epoch' is ``steps`` fresh batches."""
 
     def __init__(self, name, device, std=0.02, steps=500):
         if name == "ring":
-            # not linspace: 8 distinct angles
-            angles = 2 * math.pi * torch.arange(8, dtype=torch.float32) / 8
+            angles = 2 * math.pi * torch.arange(8, dtype=torch.float32) / 8  # not linspace
             modes = 2.0 * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
         elif name == "grid":
             g = torch.arange(-4.0, 5.0, 2.0)
@@ -255,8 +214,7 @@ class ToyData:
         return (2,)
 
     def sample(self, n, generator):
-        """n points (n, 2) and the index of the mode each came from (n,), drawn on the CPU,
-        copied once."""
+        """n points (n, 2) and each one's mode index (n,), drawn on the CPU, copied once."""
         k = torch.randint(len(self.modes), (n,), generator=generator).to(self.modes.device)
         noise = torch.randn(n, 2, generator=generator).to(self.modes.device)
         return self.modes[k] + self.std * noise, k
@@ -283,8 +241,7 @@ def fixed_images(data, n, seed):
 
 
 def load_data(name, root, device, train=True, signed=False, image_size=64, limit=None):
-    """One entry point for every dataset a script accepts (see ``DATASETS``); signed: images in
-    [-1, 1]."""
+    """Any dataset a script accepts (see ``DATASETS``); signed: images in [-1, 1]."""
     if name == "mnist":
         return load_mnist(root, device, train, signed)
     if name in ("sprites", "squares"):
@@ -296,13 +253,9 @@ def load_data(name, root, device, train=True, signed=False, image_size=64, limit
     die(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Figures
-# ------------------------------------------------------------------------------------------------
-def save_grid(images, path, nrow, row_labels=None, col_labels=None, title=None, xlabel=None,
-              ylabel=None):
-    """Save images (N, C, H, W) in [0, 1] as a grid of nrow columns, with optional row/column
-    labels."""
+# ---- Figures ------------------------------------------------------------------------------------
+def save_grid(images, path, nrow, row_labels=None, col_labels=None, title=None, xlabel=None):
+    """Save images (N, C, H, W) in [0, 1] as a grid of nrow columns, optionally labelled."""
     images = images.detach().float().cpu().clamp(0, 1)
     pad = 2
     grid = torchvision.utils.make_grid(images, nrow=nrow, padding=pad, pad_value=1.0)
@@ -310,30 +263,24 @@ def save_grid(images, path, nrow, row_labels=None, col_labels=None, title=None, 
     fig, ax = plt.subplots(figsize=(max(3.0, nrow * 0.55 + 1), max(3.0, rows * 0.55 + 1)))
     cmap = "gray" if images.shape[1] == 1 else None
     ax.imshow(grid.permute(1, 2, 0).numpy(), cmap=cmap, vmin=0, vmax=1)
-    ax.set_xticks([pad + j * (w + pad) + w / 2 for j in range(nrow)] if col_labels else [])
-    ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(rows)] if row_labels else [])
-    if col_labels:
-        ax.set_xticklabels(col_labels, fontsize=7)
-    if row_labels:
-        ax.set_yticklabels(row_labels, fontsize=7)
+    xs = [pad + j * (w + pad) + w / 2 for j in range(nrow)] if col_labels else []
+    ys = [pad + i * (h + pad) + h / 2 for i in range(rows)] if row_labels else []
+    ax.set_xticks(xs, col_labels or [], fontsize=7)
+    ax.set_yticks(ys, row_labels or [], fontsize=7)
     ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
+    ax.spines[:].set_visible(False)
     if title:
         ax.set_title(title, fontsize=9)
     if xlabel:
         ax.set_xlabel(xlabel, fontsize=8)
-    if ylabel:
-        ax.set_ylabel(ylabel, fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 
 
 def save_traversal(images, path, values, row_labels=None, title=None, xlabel="code value",
-                   ylabel=None, inputs=None):
-    """Save a traversal grid: images (R, C, ch, H, W), one row per row label, column j at
-    values[j]; with inputs (R, ch, H, W), Fig. 14's layout: each row starts with its encoded input
-    and values are offsets from its code."""
+                   inputs=None):
+    """A traversal grid: images (R, C, ch, H, W), column j at values[j]. With inputs (R, ch, H, W),
+    Fig. 14's layout: each row starts with its encoded input; values are offsets from its code."""
     col_labels = [f"{float(v):+.1f}" for v in values]
     if inputs is not None:
         images = torch.cat([inputs[:, None], images], dim=1)  # (R, 1 + C, ch, H, W)
@@ -343,7 +290,31 @@ def save_traversal(images, path, values, row_labels=None, title=None, xlabel="co
     assert len(col_labels) == c, (len(col_labels), c)
     cells = images.reshape(r * c, *images.shape[2:])  # (R * C, ch, H, W), row by row
     save_grid(cells, path, nrow=c, row_labels=row_labels, col_labels=col_labels, title=title,
-              xlabel=xlabel, ylabel=ylabel)
+              xlabel=xlabel)
+
+
+def save_traversal_gif(frames, path, values, row_labels, title):
+    """An animated traversal, one row per code: frames (V, R, C, ch, H, W) in [0, 1], frame v
+    with the codes at values[v], played forth and back (matplotlib's Pillow writer)."""
+    rows, cols, h = frames.shape[1], frames.shape[2], frames.shape[-2]
+    cells = frames.detach().float().cpu().clamp(0, 1).flatten(1, 2)  # (V, R * C, ch, H, W)
+    grids = [torchvision.utils.make_grid(f, nrow=cols, pad_value=1.0) for f in cells]
+    order = [*range(len(values)), *range(len(values) - 2, 0, -1)]  # forth and back
+    fig, ax = plt.subplots(figsize=(max(3.0, cols * 0.6 + 1.5), max(2.0, rows * 0.6 + 0.8)))
+    shown = ax.imshow(grids[0].permute(1, 2, 0).numpy(), vmin=0, vmax=1)
+    ax.set_yticks([2 + i * (h + 2) + h / 2 for i in range(rows)], row_labels, fontsize=7)
+    ax.set_xticks([])
+
+    def draw(i):
+        """Show frame order[i]."""
+        shown.set_data(grids[order[i]].permute(1, 2, 0).numpy())
+        ax.set_title(f"{title}: {float(values[order[i]]):+.1f}", fontsize=8)
+        return [shown]
+
+    fig.tight_layout()
+    movie = matplotlib.animation.FuncAnimation(fig, draw, frames=len(order))
+    movie.save(path, writer=matplotlib.animation.PillowWriter(fps=5))
+    plt.close(fig)
 
 
 def save_scatter_rows(rows, path, modes=None, lim=None, title=None):
@@ -351,10 +322,8 @@ def save_scatter_rows(rows, path, modes=None, lim=None, title=None):
     n_rows, n_cols = len(rows), max(len(v) for v in rows.values())
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.0 * n_cols, 2.1 * n_rows), squeeze=False)
     for i, (label, panels) in enumerate(rows.items()):
-        for j in range(n_cols):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
+        for j, ax in enumerate(axes[i]):
+            ax.set(xticks=[], yticks=[])
             if j >= len(panels):
                 ax.axis("off")
                 continue
@@ -365,8 +334,7 @@ def save_scatter_rows(rows, path, modes=None, lim=None, title=None):
                 ax.scatter(m[:, 0], m[:, 1], s=12, c="red", marker="x", linewidths=0.8)
             ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.3, c="tab:blue")
             if lim is not None:
-                ax.set_xlim(-lim, lim)
-                ax.set_ylim(-lim, lim)
+                ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
             ax.set_aspect("equal")
             ax.set_title(col_title, fontsize=8)
             if j == 0:
@@ -378,16 +346,15 @@ def save_scatter_rows(rows, path, modes=None, lim=None, title=None):
 
 
 def save_scatter_history(folder, label, points, title, modes):
-    """Add points (N, 2) under label to folder/ring_samples.pt and draw the last 8 such snapshots
-    as one row of folder/fig03_scatter.png (Fig 3), the mixture's modes marked."""
+    """Add points (N, 2) under label to folder/ring_samples.pt; draw the last 8 as a row of
+    folder/fig03_scatter.png (Fig 3), the mixture's modes marked."""
     path = os.path.join(folder, "ring_samples.pt")
     snapshots = torch.load(path, weights_only=True) if os.path.exists(path) else {}
     snapshots[label] = points.detach().cpu()
     torch.save(snapshots, path)
-    last_8 = list(snapshots.items())[-8:]
     figure = os.path.join(folder, "fig03_scatter.png")
-    lim = 1.4 * float(modes.abs().max())
-    save_scatter_rows({title: last_8}, figure, modes=modes.cpu(), lim=lim)
+    save_scatter_rows({title: list(snapshots.items())[-8:]}, figure, modes=modes.cpu(),
+                      lim=1.4 * float(modes.abs().max()))
 
 
 def append_metrics(path, row):
@@ -408,8 +375,7 @@ def cell(value):
 
 
 def truncate_metrics(path, step):
-    """Drop the rows of a metrics CSV written after `step` (by a run interrupted before its
-    checkpoint)."""
+    """Drop a metrics CSV's rows after `step` (written by a run stopped before its checkpoint)."""
     if os.path.exists(path):
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
@@ -427,14 +393,12 @@ def read_metrics(path):
 
 def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=False,
                  upto=math.inf):
-    """Curves of metrics.csv columns. runs: a CSV path, or {label: csv_path} to overlay runs
-    (Fig 12), or {label: [csv_paths]} for the mean over runs (seeds) with a min-max band; rows
-    after step `upto` are left out."""
+    """Curves of metrics.csv columns up to step `upto`. runs: a CSV path, {label: csv_path} to
+    overlay runs (Fig 12), or {label: [csv_paths]}: the mean over runs with a min-max band."""
     runs = {"": runs} if isinstance(runs, (str, os.PathLike)) else runs
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, csv_paths in runs.items():
-        one_csv = isinstance(csv_paths, (str, os.PathLike))
-        paths = [csv_paths] if one_csv else csv_paths
+        paths = [csv_paths] if isinstance(csv_paths, (str, os.PathLike)) else csv_paths
         tables = [[r for r in read_metrics(p) if r.get("step", 0) <= upto] for p in paths]
         n = min(len(t) for t in tables)
         for col in columns:
@@ -444,10 +408,8 @@ def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=F
                 ys = torch.tensor([[t[i][col] for i in range(n)] for t in tables])  # (runs, rows)
                 xs = [tables[0][i][x] for i in range(n)]
                 line, = ax.plot(xs, ys.mean(0), marker=".", label=name)
-                if len(tables) > 1:
-                    lows = ys.min(0).values
-                    highs = ys.max(0).values
-                    ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2)
+                if len(tables) > 1:  # a min-max band
+                    ax.fill_between(xs, *ys.aminmax(dim=0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel or (columns[0] if len(columns) == 1 else "value"))
     if logy:
@@ -462,8 +424,7 @@ def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=F
 
 
 def carried(row, j):
-    """'factor share': the factor latent j carries most (sampled MI / H) in a VAE metrics row, or
-    '' where the row has no factors."""
+    """'factor share': the factor latent j carries most (sampled MI / H) in a VAE row, or ''."""
     shares = {k[len(f"mi_z{j}_"):]: v for k, v in row.items() if k.startswith(f"mi_z{j}_")}
     if not shares:
         return ""
@@ -472,36 +433,27 @@ def carried(row, j):
 
 
 def save_mi_matrix(row, latents, path, title):
-    """The sampled latent × factor MI matrix of a metrics row, latents sorted by KL."""
+    """The sampled latent × factor MI matrix of a metrics row as a heatmap, latents by KL."""
     order = sorted(range(latents), key=lambda j: -row[f"kl_z{j}"])
     names = [k[len("mi_z0_"):] for k in row if k.startswith("mi_z0_")]
     matrix = [[row[f"mi_z{j}_{name}"] for name in names] for j in order]
     labels = [f"z{j} (KL {row[f'kl_z{j}']:.2f})" for j in order]
-    save_matrix(matrix, path, labels, names, title)
-
-
-def save_matrix(matrix, path, row_labels, col_labels, title=None):
-    """A heatmap of matrix (R, C) with values in [0, 1], each cell written in it (the MI matrix)."""
-    m = torch.as_tensor(matrix).detach().float().cpu()
+    m = torch.tensor(matrix, dtype=torch.float32)  # (latents, factors), values in [0, 1]
     fig, ax = plt.subplots(figsize=(1.1 * m.shape[1] + 2.2, 0.42 * m.shape[0] + 1.4))
     ax.imshow(m.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
     cells = torch.cartesian_prod(torch.arange(m.shape[0]), torch.arange(m.shape[1])).tolist()
     for (i, j), v in zip(cells, m.flatten().tolist()):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                 color="white" if v > 0.5 else "black")
-    ax.set_xticks(range(m.shape[1]))
-    ax.set_xticklabels(col_labels, fontsize=8)
-    ax.set_yticks(range(m.shape[0]))
-    ax.set_yticklabels(row_labels, fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=9)
+    ax.set_xticks(range(m.shape[1]), names, fontsize=8)
+    ax.set_yticks(range(m.shape[0]), labels, fontsize=8)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
 
 def save_panels(panels, path, xlabel, title=None):
-    """Side-by-side line plots: panels = {y label: {line label: (xs, means, lows, highs)}}, the
-    lows and highs drawn as a band."""
+    """Side-by-side line plots: panels = {y label: {line label: (xs, means, lows, highs)}}."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (ylabel, lines) in zip(axes[0], panels.items()):
         for label, (xs, means, lows, highs) in lines.items():

@@ -1,19 +1,18 @@
-"""Measuring what the GAN scripts generate (infogan.py, unrolled_infogan.py), and comparing runs.
+"""Measuring every script's runs (the GAN scripts and the VAE family), and comparing them.
 
-The report judges disentanglement by eye and by L_I alone; a low L_I can come from a generator that
-draws no digits. So every epoch also measures, on latents fixed once (the same for every run, seed
-and K):
-* the categorical code as a classifier of the real test digits (Hungarian-matched accuracy);
-* mode coverage of 10,000 samples, named by a small CNN digit classifier that the project trains
-  itself (cached beside the data): digit classes covered and the KL of their histogram to uniform,
-  as the Unrolled GAN, VEEGAN and PacGAN evaluations count modes; the share of samples the
-  classifier is confident about;
-* for each continuous code, how strongly it drives three properties of the drawn digit, measured
-  from image moments (slant, stroke thickness, width), how often it changes the digit, and one
-  "one property, and only one" number (purity);
-* on the ring/grid, the mode metrics of VEEGAN / PacGAN.
-One copy serves both scripts, so a number means the same thing in every run it is compared across.
-A metric that is undefined for a generator (a KL over an empty histogram) is NaN, never inf.
+Every epoch, on inputs fixed once (the same for every run, seed and K), so that a number means the
+same thing in every run it is compared across:
+* GAN scripts (infogan.py, unrolled_infogan.py) on MNIST, where a low L_I can come from a generator
+  that draws no digits: the categorical code as a classifier of the real test digits
+  (Hungarian-matched accuracy); mode coverage of 10,000 samples named by a small CNN digit
+  classifier trained here (cached beside the data): classes covered, the KL of their histogram to
+  uniform (as the Unrolled GAN, VEEGAN and PacGAN evaluations count modes), the share the
+  classifier is confident about; for each continuous code, how strongly it moves slant, stroke
+  thickness and width (image moments), how often it changes the digit, and its purity (one
+  property, and only one); on the ring/grid, the mode metrics of VEEGAN / PacGAN;
+* the VAE family (beta_vae.py, vae_gan.py, vae_infogan.py): each latent's KL, the reconstruction
+  error and, where the factors are known, MIG and each latent's MI with each factor.
+A metric undefined for a run (a KL over an empty histogram) is NaN, never inf.
 
     python evaluation.py runs/SWEEP_s1 runs/SWEEP_s2 runs/SWEEP_s3 --out DIR  # one table, 3 seeds
 """
@@ -33,8 +32,7 @@ import torch.nn.functional as F
 import common
 
 PROPERTIES = ("slant", "thickness", "width")
-# classifier training epochs (batch 128 digits + 32 non-digits, Adam lr 1e-3 decayed linearly to 0)
-EPOCHS = 3
+EPOCHS = 3  # of classifier training (batch 128 digits + 32 non-digits, Adam lr 1e-3 linear to 0)
 N_COVERAGE = 10_000  # samples for mode coverage
 N_TRAVERSAL = 100  # base latents per code traversal
 VALUES = torch.linspace(-2, 2, 5)  # values a continuous code takes in a traversal
@@ -43,12 +41,10 @@ VERSION = 1  # of the classifier cache: raise it when the classifier or PROPERTI
 
 
 class Classifier(nn.Sequential):
-    """conv3x3 16-ReLU-maxpool → conv3x3 32-ReLU-maxpool → FC128-ReLU → FC10:
-    (B, 1, 28, 28) in [-1, 1] → logits.
-    Weights ~ U(±1/sqrt(fan_in)) (PyTorch's default bound) from a generator seeded 0. Trained to
-    give uniform probabilities on non-digits too (outlier exposure), so that noise is not read
-    confidently as a digit. Buffer `stds` holds the standard deviations of PROPERTIES over the real
-    test digits (set when trained)."""
+    """conv3x3 16-ReLU-maxpool → conv3x3 32-ReLU-maxpool → FC128-ReLU → FC10: (B, 1, 28, 28) in
+    [-1, 1] → logits; weights ~ U(±1/sqrt(fan_in)) from a generator seeded 0. Trained to give
+    uniform probabilities on non-digits too (outlier exposure), so that noise is not read
+    confidently as a digit. Buffer `stds`: the s.d. of PROPERTIES over the real test digits."""
 
     def __init__(self):
         with torch.device("meta"):  # built without drawing from the global RNG; initialised below
@@ -92,74 +88,57 @@ def not_digits(n, generator):
     return torch.cat(out) * 2 - 1
 
 
-def save_atomically(obj, path):
-    """torch.save to a temporary file beside path (named with the pid), then rename it onto path,
-    so that two runs writing at once leave one whole file, never a mix of both."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def load_classifier(data_root, device, steps=None):
-    """The digit classifier in eval mode, from <data_root>/MNIST/digit_classifier.pt when that file
-    was made from the same training data (and VERSION); otherwise trained (EPOCHS epochs, or
-    `steps` steps) and cached there."""
-    root = os.path.abspath(os.path.expanduser(data_root))
-    path = os.path.join(root, "MNIST", "digit_classifier.pt")
+    """The digit classifier in eval mode: <data_root>/MNIST/digit_classifier.pt if made from the
+    same training data and VERSION, else trained (EPOCHS epochs or `steps` steps) and cached."""
+    path = os.path.join(os.path.abspath(os.path.expanduser(data_root)), "MNIST",
+                        "digit_classifier.pt")
     train = common.load_mnist(data_root, device, train=True, signed=True)
     # fingerprint: number of training images, integer sum of the first 1,000 images' uint8 pixels
     fingerprint = (len(train), int(train.images[:1000].sum()))
     model = Classifier()
-    try:
+    with contextlib.suppress(Exception):  # missing, unreadable or from another version: retrain
         cache = torch.load(path, weights_only=True, map_location="cpu")
         if (cache["version"], cache["n_train"], cache["pixel_sum"]) == (VERSION, *fingerprint):
             model.load_state_dict(cache["state"])
             model.accuracy = cache["accuracy"]
             return model.to(device).eval()
-    except Exception:  # missing, unreadable or from another version: retrain
-        pass
     start = time.time()
     model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)  # the batch order
     batch = min(128, len(train))
     total = EPOCHS * train.steps_per_epoch(batch) if steps is None else steps
-    step = 0
-    while step < total:
-        for x, y in train.epoch(batch, g):
-            for group in opt.param_groups:
-                group["lr"] = 1e-3 * (1 - step / total)
-            noise = not_digits(32, g).to(x.device)
-            digit_logits, noise_logits = model(torch.cat([x, noise])).split([len(x), len(noise)])
-            # cross-entropy on the digits + 0.5 x cross-entropy of the non-digits to uniform (means)
-            loss = F.cross_entropy(digit_logits, y) - 0.5 * F.log_softmax(noise_logits, 1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step == total:
-                break
+    epochs = (train.epoch(batch, g) for _ in itertools.count())
+    for step, (x, y) in zip(range(total), itertools.chain.from_iterable(epochs)):
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * (1 - step / total)
+        noise = not_digits(32, g).to(x.device)
+        digit_logits, noise_logits = model(torch.cat([x, noise])).split([len(x), len(noise)])
+        # cross-entropy on the digits + 0.5 x cross-entropy of the non-digits to uniform (means)
+        loss = F.cross_entropy(digit_logits, y) - 0.5 * F.log_softmax(noise_logits, 1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     model.eval()
     test = common.load_mnist(data_root, device, train=False, signed=True)
     with torch.no_grad():
         order = torch.arange(len(test), device=test.images.device)
         chunks = [test.batch(i)[0] for i in order.split(1000)]
         pred = torch.cat([model(x).argmax(1) for x in chunks])
-        # each property's s.d. over the test digits
-        model.stds.copy_(torch.cat([properties(x) for x in chunks]).std(0))
+        model.stds.copy_(torch.cat([properties(x) for x in chunks]).std(0))  # each property's s.d.
     model.accuracy = (pred == test.labels).float().mean().item()
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     cache = {"state": state, "accuracy": model.accuracy, "version": VERSION,
              "n_train": fingerprint[0], "pixel_sum": fingerprint[1]}
     where = f"cached at {path}"
+    tmp = f"{path}.{os.getpid()}.tmp"  # renamed onto path: two runs at once leave one whole file
     try:
-        save_atomically(cache, path)
+        torch.save(cache, tmp)
+        os.replace(tmp, path)
     except Exception as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         where = "not cached"
         print(f"warning: cannot write {path} ({type(e).__name__}); "
               "the classifier will be retrained next time")
@@ -172,8 +151,7 @@ def properties(images):
     """(B, 3) properties of the digits in images (B, 1, H, W) in [-1, 1], from the ink
     I = (x + 1) / 2 in [0, 1]. Moments use pixel coordinates, x to the right and y down;
     mu_pq = sum I dx^p dy^q / sum I (central, px^(p+q)).
-    slant = -mu11 / mu02: horizontal shift per pixel upwards, > 0 when the top leans right
-      (dimensionless);
+    slant = -mu11 / mu02: horizontal shift per pixel upwards (> 0: the top leans right);
     thickness = stroke thickness in px, from area A = sum I (px²) and perimeter
       P = sum sqrt(dx² + dy²) (px, finite differences of I): a strip of length L and thickness t
       has A = L t, P = 2 (L + t), so t = (P / 4)(1 - sqrt(1 - 16 A / P²)) (strokes under 2 px that
@@ -198,39 +176,35 @@ def properties(images):
     p = F.pad(ink, (1, 1, 1, 1))  # zero border, so every edge of the ink counts
     gx = p[:, :-1, 1:] - p[:, :-1, :-1]  # (B, H+1, W+1) horizontal differences
     gy = p[:, 1:] - p[:, :-1]  # (B, H+1, W+2) vertical differences
-    gy_left = gy[:, :, :-1]  # the vertical difference at each horizontal one's left end
-    gy_right = gy[:, :, 1:]  # and at its right end
-    # each horizontal difference paired with the vertical one at its left end and at its right
-    # end, averaged (one-sided pairs alone would give mirror-image strokes different perimeters)
-    edges = (gx ** 2 + gy_left ** 2).sqrt() + (gx ** 2 + gy_right ** 2).sqrt()
+    # each horizontal difference paired with the vertical ones at its left and at its right end,
+    # averaged (one-sided pairs alone would give mirror-image strokes different perimeters)
+    edges = (gx ** 2 + gy[:, :, :-1] ** 2).sqrt() + (gx ** 2 + gy[:, :, 1:] ** 2).sqrt()
     perimeter = (edges.sum((1, 2)) / 2).clamp_min(EPS)
     thickness = perimeter / 4 * (1 - (1 - 16 * area / perimeter ** 2).clamp_min(0).sqrt())
     return torch.stack([slant, thickness, width], 1)
 
 
 @torch.no_grad()
-def generate(G, latents, chunk=1000):
-    """G's images for latents (N, D), in chunks, with G in eval mode (then back in its own mode)."""
-    was_training = G.training
-    G.eval()
+def in_chunks(net, x, chunk=1000):
+    """net's outputs for the rows of x (as floats), in chunks, with net in eval mode (then back in
+    its own mode): a generator's images for latents, an encoder's (μ, log σ²) for images."""
+    was_training = net.training
+    net.eval()
     try:
-        return torch.cat([G(z) for z in latents.split(chunk)])
+        return torch.cat([net(part.float()) for part in x.split(chunk)])
     finally:
-        G.train(was_training)
+        net.train(was_training)
 
 
 def class_coverage(counts, n):
     """(classes, kl) of a histogram counts (K,) of the confidently classified among n samples:
     classes = number of classes holding at least 10% of their uniform share (count >= 0.1 n / K);
     kl = KL(p || uniform) = sum p log(K p) in nats of p = counts / counts.sum() (0 balanced, log K
-    one class); NaN when no sample was confident: an empty histogram has no KL (classes = 0 then
-    says the generator covers no mode)."""
+    one class); NaN when no sample was confident (an empty histogram has no KL; classes = 0)."""
     counts = counts.double()
     classes = int((counts >= 0.1 * n / len(counts)).sum())
-    if counts.sum() == 0:
-        return classes, math.nan
     p = counts / counts.sum().clamp_min(1)
-    kl = (p * (p * len(p)).clamp_min(1e-300).log()).sum().item()  # 0 log 0 = 0
+    kl = (p * (p * len(p)).clamp_min(1e-300).log()).sum().item() if counts.sum() else math.nan
     return classes, kl
 
 
@@ -246,12 +220,9 @@ class Evaluator:
                  stds=None):
         self.device = torch.device(device)
         self.n_cat = n_cat
-        self.n_cont = n_cont
-        if classifier is None:
-            classifier = load_classifier(data_root, device)
+        classifier = load_classifier(data_root, device) if classifier is None else classifier
         self.classifier = classifier.to(self.device).eval()
-        if stds is None:
-            stds = self.classifier.stds
+        stds = self.classifier.stds if stds is None else stds
         self.stds = torch.as_tensor(stds).float().to(self.device)
         g = torch.Generator().manual_seed(0)
         # coverage set: z ~ N(0, I), c_cat uniform, c_cont ~ U(-1, 1)
@@ -273,58 +244,41 @@ class Evaluator:
         """Generator input (N, D): noise, one-hot category, continuous codes, on the device."""
         return torch.cat([z, F.one_hot(c_cat, self.n_cat).float(), c_cont], 1).to(self.device)
 
-    @torch.no_grad()
-    def _probs(self, images):
-        """The classifier's class probabilities (N, 10) for images, in chunks."""
-        return torch.cat([F.softmax(self.classifier(x), 1) for x in images.split(1000)])
-
     def __call__(self, G):
-        """A metrics row (dict of floats) for generator G; see the module docstring and the
-        comments. kl_uniform is NaN when no sample is confident (see class_coverage)."""
-        conf, pred = self._probs(generate(G, self.latents)).max(1)
+        """A metrics row (dict of floats) for G (see the module docstring and the comments)."""
+        conf, pred = F.softmax(in_chunks(self.classifier, in_chunks(G, self.latents)), 1).max(1)
         sure = conf >= 0.9  # modes: the digits of the samples the classifier is sure of (not noise)
         classes, kl = class_coverage(torch.bincount(pred[sure], minlength=10), N_COVERAGE)
-        row = {"classes": float(classes),
-               "kl_uniform": kl,
+        row = {"classes": float(classes), "kl_uniform": kl,
                "confident_pct": 100 * sure.float().mean().item()}  # % with max prob >= 0.9
         v = VALUES.to(self.device)
         vc = v - v.mean()
         span = v[-1] - v[0]
         for j, latents in enumerate(self.traversals, 1):
-            images = generate(G, latents)
+            images = in_chunks(G, latents)
             props = properties(images).view(N_TRAVERSAL, len(v), len(PROPERTIES))
-            digit = self._probs(images).argmax(1).view(N_TRAVERSAL, len(v))
+            digit = F.softmax(in_chunks(self.classifier, images), 1).argmax(1).view(N_TRAVERSAL, -1)
             slope = (props * vc[:, None]).sum(1) / vc.pow(2).sum()  # (M, 3) least squares, per unit
             # effect: |mean slope| x (v_max - v_min), in standard deviations of the real digits
             effect = slope.mean(0).abs() * span / self.stds.clamp_min(EPS)
-            first_digit = digit[:, 0]
-            last_digit = digit[:, -1]
-            # the fraction of traversals that change the digit
-            switch = (first_digit != last_digit).float().mean().item()
-            for name, e in zip(PROPERTIES, effect.tolist()):
-                row[f"c{j}_{name}"] = e
+            switch = (digit[:, 0] != digit[:, -1]).float().mean().item()  # share changing the digit
+            row.update({f"c{j}_{name}": e for name, e in zip(PROPERTIES, effect.tolist())})
             row[f"c{j}_switch"] = switch
-            # purity: share of the largest effect in the sum of the three, x fraction keeping the
-            # digit; 0 for a code that moves no property by a quarter of its spread over real
-            # digits (the share would be a ratio of noise)
-            share = 0.0
-            if effect.max() >= 0.25:
-                share = (effect.max() / effect.sum().clamp_min(EPS)).item()
-            row[f"c{j}_purity"] = share * (1 - switch)
+            # purity: the largest effect's share of the three x the share keeping the digit; 0 for a
+            # code that moves no property by a quarter of its spread over real digits (noise)
+            share = (effect.max() / effect.sum().clamp_min(EPS)).item()
+            row[f"c{j}_purity"] = share * (1 - switch) if effect.max() >= 0.25 else 0.0
         return row
 
 
-# ------------------------------------------------------------------------------------------------
-# Categorical accuracy (infogan.py, unrolled_infogan.py) and the ring/grid's mode metrics
-# ------------------------------------------------------------------------------------------------
+# ---- Categorical accuracy (infogan.py, unrolled_infogan.py) and the ring/grid's mode metrics -----
 def hungarian_accuracy(pred, labels, n_cat, n_classes=10):
     """Accuracy of categories `pred` against `labels` under the best one-to-one category→class map
     (n_cat <= n_classes). Exact assignment by a DP over subsets of classes: best[mask] is the
     largest number of hits when categories 0..popcount(mask)-1 take the classes in mask."""
     counts = torch.bincount(pred.cpu() * n_classes + labels.cpu(), minlength=n_cat * n_classes)
     counts = counts.view(n_cat, n_classes).tolist()
-    best = [-1] * (1 << n_classes)
-    best[0] = 0
+    best = [0] + [-1] * ((1 << n_classes) - 1)
     for mask in range(1 << n_classes):
         k = bin(mask).count("1")  # next category to place
         if best[mask] < 0 or k == n_cat:
@@ -343,36 +297,27 @@ def test_accuracy(D, test, n_cat, batch=1000):
     D.eval()
     pred = []
     for idx in torch.arange(len(test), device=test.images.device).split(batch):
-        images, _ = test.batch(idx)
-        _, q = D(images)
-        cat_logits = q[:, :n_cat]  # q: categorical logits, then the continuous codes' parameters
-        pred.append(cat_logits.argmax(1))
+        _, q = D(test.batch(idx)[0])  # q: categorical logits, then the continuous codes' parameters
+        pred.append(q[:, :n_cat].argmax(1))
     D.train()
     return hungarian_accuracy(torch.cat(pred), test.labels, n_cat)
 
 
 def mode_metrics(samples, modes, std, min_hq=10):
     """Ring/grid metrics of VEEGAN / PacGAN (on 2,500 samples). A sample is high quality (HQ) when
-    within 3σ of its nearest mode. modes: modes with >= 1 HQ sample; modes10: with >= min_hq HQ
-    samples (the one-sample count is lenient); hq_pct: % of samples that are HQ; reverse_kl:
-    KL(q || uniform) of q, the histogram of HQ samples over the modes (0 = balanced, log M = one
-    mode; NaN when no sample is HQ: an empty histogram has no KL, and modes = 0 says so)."""
+    within 3σ of its nearest mode. modes: modes with >= 1 HQ sample; modes10: with >= min_hq (the
+    one-sample count is lenient); hq_pct: % of samples that are HQ; reverse_kl: KL(q || uniform)
+    of q, the histogram of HQ samples over the modes (0 balanced, log M one mode; NaN if no HQ)."""
     dist, nearest = torch.cdist(samples.float(), modes.float()).min(dim=1)
     hq = dist <= 3 * std
     counts = torch.bincount(nearest[hq], minlength=len(modes)).float().cpu()
     q = counts / counts.sum().clamp_min(1)
-    kl = math.nan
-    if counts.sum() > 0:
-        kl = float((q * (q * len(modes)).log()).nan_to_num(0.0).sum())
-    return {"modes": int((counts > 0).sum()),
-            "modes10": int((counts >= min_hq).sum()),
-            "hq_pct": 100.0 * float(hq.float().mean()),
-            "reverse_kl": kl}
+    kl = float((q * (q * len(modes)).log()).nan_to_num(0.0).sum()) if counts.sum() else math.nan
+    return {"modes": int((counts > 0).sum()), "modes10": int((counts >= min_hq).sum()),
+            "hq_pct": 100.0 * float(hq.float().mean()), "reverse_kl": kl}
 
 
-# ------------------------------------------------------------------------------------------------
-# The VAE family's measures (beta_vae.py, vae_gan.py, vae_infogan.py), on fixed images each epoch
-# ------------------------------------------------------------------------------------------------
+# ---- The VAE family's measures (beta_vae.py, vae_gan.py, vae_infogan.py) on fixed images ---------
 ACTIVE_KL = 0.5  # a latent with less KL (nats) than this is switched off (carries ~nothing)
 
 
@@ -431,14 +376,9 @@ def disentanglement(mu, logvar, factors, sizes):
     return row
 
 
-@torch.no_grad()
 def encode_posterior(enc, images, chunk=1000):
     """μ(x), log σ²(x) (N, L) on the CPU, in chunks, the encoder in eval mode."""
-    was_training = enc.training
-    enc.eval()
-    out = torch.cat([enc(images[i:i + chunk].float()) for i in range(0, len(images), chunk)])
-    enc.train(was_training)
-    return out.cpu().chunk(2, dim=1)
+    return in_chunks(enc, images, chunk).cpu().chunk(2, dim=1)
 
 
 def recon_quality(x, rec):
@@ -450,9 +390,8 @@ def recon_quality(x, rec):
 
 
 def vae_measures(mu, logvar, real, rec, factors, sizes):
-    """A VAE-family metrics row: each latent's KL (means over the images), pixel MSE and grey
-    pixels of rec against real (first images, in [0, 1]) and, with known factors (N, 5) of the
-    images, MIG both ways, the gaps and the MI matrix (disentanglement)."""
+    """A VAE-family metrics row: each latent's KL (mean over the images), pixel MSE and grey pixels
+    of rec against real (in [0, 1]) and, with known factors (N, 5), disentanglement's measures."""
     row = {f"kl_z{j}": v for j, v in enumerate(kl_per_latent(mu, logvar).tolist())}
     row["mse"], row["grey_pct"] = recon_quality(real, rec)
     if factors is not None:
@@ -460,9 +399,7 @@ def vae_measures(mu, logvar, real, rec, factors, sizes):
     return row
 
 
-# ------------------------------------------------------------------------------------------------
-# Comparing runs: a K sweep, or the same sweep over several seeds
-# ------------------------------------------------------------------------------------------------
+# ---- Comparing runs: a K sweep, or the same sweep over several seeds -----------------------------
 # the report's Q-loss table: K → (L_I continuous, L_I discrete)
 REPORT = {0: (0.14, 0.02), 5: (0.076, 0.006), 7: (0.072, 0.0015), 10: (0.012, 0.0006)}
 # (metrics.csv column, header, scale, format)
@@ -482,11 +419,16 @@ RING_COLUMNS = [
     ("modes10", "modes ≥10", 1, "{:.1f}"),
     ("hq_pct", "HQ", 1, "{:.1f}%"),
     ("reverse_kl", "reverse KL", 1, "{:.3f}")]
+VAE_COLUMNS = (  # (metrics.csv column, header, format)
+    ("mig_sampled", "MIG (sampled z)", "{:.3f}"),
+    ("mig", "MIG (means)", "{:.3f}"),
+    ("mse", "recon MSE", "{:.4f}"),
+    ("grey_pct", "grey pixels %", "{:.1f}"),
+    ("active", "active latents (KL > 0.5)", "{:.1f}"))
 
 
 def run_folders(paths):
-    """The run folders (holding config.json and metrics.csv) among paths and every folder below
-    them (sweep folders, a folder of sweeps), in sorted order."""
+    """The run folders (with config.json and metrics.csv) among paths and below them, sorted."""
     found = []
     for path in paths:
         for folder, dirs, files in os.walk(path):
@@ -503,20 +445,13 @@ def spearman(x, y):
         return math.nan
 
     def ranks(v):
-        """The rank of each value of v (0-based), ties at their mean rank."""
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for value in set(v):
-            idx = [i for i in order if v[i] == value]
-            mean = sum(order.index(i) for i in idx) / len(idx)
-            for i in idx:
-                r[i] = mean
-        return torch.tensor(r)
+        """Ranks of v from 0 (c ties from rank a: their mean a + (c - 1) / 2), less their mean."""
+        s = sorted(v)
+        r = torch.tensor([s.index(value) + (s.count(value) - 1) / 2 for value in v])
+        return r - r.mean()
 
     rx = ranks(x)
     ry = ranks(y)
-    rx = rx - rx.mean()
-    ry = ry - ry.mean()
     return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-12))
 
 
@@ -552,8 +487,7 @@ def stat(values, scale, fmt):
 
 
 def at_common_step(runs):
-    """Runs stopped at different steps are compared at the same one: the last step every run
-    reached, and each run's rows up to it."""
+    """The last step every run reached, and each run's rows up to it (compared at one step)."""
     step = min(rows[-1]["step"] for _, rows, _ in runs)
     return step, [(cfg, [r for r in rows if r["step"] <= step], d) for cfg, rows, d in runs]
 
@@ -576,67 +510,15 @@ def write_comparison(out, lines):
 
 def run_label(cfg):
     """A GAN run's legend: its K, and whether the unroll is first-order."""
-    if cfg.get("first_order", False):
-        return f"K={cfg.get('k', 0)} first-order"
-    return f"K={cfg.get('k', 0)}"
-
-
-def last_snapshots(folder):
-    """The last six (step, samples) of a ring/grid run's ring_samples.pt."""
-    snaps = torch.load(os.path.join(folder, "ring_samples.pt"), weights_only=True)
-    return list(snaps.items())[-6:]
-
-
-def gan_setting(cfg):
-    """A GAN run's setting: (first-order, K, unroll learning rate); K = 0 does not unroll, so its
-    runs form one setting whatever the unroll flags."""
-    k = cfg.get("k", 0)
-    return (k > 0 and cfg.get("first_order", False), k, k and cfg.get("unroll_lr", 0))
-
-
-def gan_row(setting, members, columns, ring):
-    """One comparison.md row: the setting, its runs' minutes and training speed, each column's
-    mean ± s.d. at the last row; on MNIST also the property each code moves and the report's L_I."""
-    first_order, k, lr = setting
-    last = [rows[-1] for _, rows, _ in members]
-    kind = "—" if k == 0 else "first-order" if first_order else "exact"
-    rates = [sum(x["steps_per_s"] for x in rows) / len(rows) for _, rows, _ in members]
-    cells = [str(k),
-             kind,
-             f"{lr:g}" if k else "—",
-             str(len(members)),
-             stat([r["seconds"] / 60 for r in last], 1, "{:.1f}"),
-             stat(rates, 1, "{:.2f}")]
-    cells += [stat([r[c] for r in last], scale, fmt) for c, _, scale, fmt in columns]
-    if not ring:
-        mean = {c: sum(r[c] for r in last) / len(last) for c in last[0]}
-        cells += [top_property(mean, 1), top_property(mean, 2)]
-        cells += [str(value) for value in REPORT.get(k, ("-", "-"))]
-    return cells
-
-
-def spearman_table(runs, columns):
-    """Each column's Spearman correlation with K over the exact runs, as comparison.md lines (none
-    when the exact runs share one K)."""
-    exact = [(cfg["k"], rows[-1]) for cfg, rows, _ in runs if not cfg.get("first_order", True)]
-    if len({k for k, _ in exact}) < 2:
-        return []
-    ks = [k for k, _ in exact]
-    rhos = [f"{spearman(ks, [r[c] for _, r in exact]):+.2f}" for c, *_ in columns]
-    return ["",
-            "Spearman correlation with K over the exact runs (+1: the metric rises with K, "
-            "-1: it falls):", "",
-            "| " + " | ".join(c[1] for c in columns) + " |",
-            "|---" * len(columns) + "|",
-            "| " + " | ".join(rhos) + " |"]
+    return f"K={cfg.get('k', 0)}" + (" first-order" if cfg.get("first_order", False) else "")
 
 
 def save_gan_figures(runs, step, out, ring):
-    """Fig 3 (the last samples of each ring/grid run, one row per run) or Fig 12 (L_I continuous
-    against steps, one curve per K)."""
+    """Fig 3 (the last samples of each ring/grid run, a row each) or Fig 12 (L_I cont by step)."""
     if ring:
-        snaps = {run_label(cfg): last_snapshots(d) for cfg, _, d in runs
-                 if os.path.exists(os.path.join(d, "ring_samples.pt"))}
+        saved = [(cfg, os.path.join(d, "ring_samples.pt")) for cfg, _, d in runs]
+        snaps = {run_label(cfg): list(torch.load(path, weights_only=True).items())[-6:]  # last six
+                 for cfg, path in saved if os.path.exists(path)}
         modes = common.ToyData(runs[0][0]["dataset"], "cpu").modes
         common.save_scatter_rows(snaps, os.path.join(out, "fig03_scatter.png"), modes=modes,
                                  lim=1.4 * float(modes.abs().max()),
@@ -649,17 +531,19 @@ def save_gan_figures(runs, step, out, ring):
 
 
 def compare(paths, out, command):
-    """comparison.md: one row per setting (K, exact or first-order, unroll learning rate), the
-    mean ± s.d. over seeds of each metric at the last step every run reached; on MNIST also each
-    metric's Spearman correlation with K over the exact runs (the report's claim:
-    disentanglement improves with K) and fig12_q_loss.png; on ring/grid, Fig 3."""
+    """comparison.md of GAN runs: one row per setting (K, exact or first-order, unroll lr): minutes,
+    training speed, the mean ± s.d. over seeds of each metric at the last step every run reached;
+    on MNIST also the property each code moves, the report's L_I, each metric's Spearman correlation
+    with K over the exact runs (the report: disentanglement improves with K); Fig 12 or Fig 3."""
     step, runs = at_common_step(load_runs(paths))
-    # legends in K order
     runs.sort(key=lambda run: (run[0].get("first_order", False), run[0].get("k", 0)))
     ring = runs[0][0]["dataset"] != "mnist"
     groups = {}
     for cfg, rows, d in runs:
-        groups.setdefault(gan_setting(cfg), []).append((cfg, rows, d))
+        k = cfg.get("k", 0)
+        # (first-order, K, unroll learning rate); K = 0 does not unroll: one setting whatever flags
+        setting = (k > 0 and cfg.get("first_order", False), k, k and cfg.get("unroll_lr", 0))
+        groups.setdefault(setting, []).append(rows)
     columns = RING_COLUMNS if ring else MNIST_COLUMNS
     header = ["K", "unroll", "unroll lr", "runs", "minutes", "steps/s", *(c[1] for c in columns)]
     if not ring:
@@ -670,26 +554,29 @@ def compare(paths, out, command):
              f"values at step {step:.0f}, mean ± s.d. over seeds; minutes: wall time of a run to "
              "there (training, evaluation, figures); steps/s: training only; c1/c2 moves: the "
              "property each code moves most", "",
-             "| " + " | ".join(header) + " |",
-             "|---" * len(header) + "|"]
-    for setting, members in sorted(groups.items()):
-        lines.append("| " + " | ".join(gan_row(setting, members, columns, ring)) + " |")
-    if not ring:
-        lines += spearman_table(runs, columns)
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for (first_order, k, lr), members in sorted(groups.items()):
+        last = [rows[-1] for rows in members]
+        kind = "—" if k == 0 else "first-order" if first_order else "exact"
+        rates = [sum(x["steps_per_s"] for x in rows) / len(rows) for rows in members]
+        cells = [str(k), kind, f"{lr:g}" if k else "—", str(len(members)),
+                 stat([r["seconds"] / 60 for r in last], 1, "{:.1f}"), stat(rates, 1, "{:.2f}")]
+        cells += [stat([r[c] for r in last], scale, fmt) for c, _, scale, fmt in columns]
+        if not ring:  # the property each code moves most in the mean row; the report's L_I
+            mean = {c: sum(r[c] for r in last) / len(last) for c in last[0]}
+            cells += [top_property(mean, 1), top_property(mean, 2)]
+            cells += [str(value) for value in REPORT.get(k, ("-", "-"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    exact = [(cfg["k"], rows[-1]) for cfg, rows, _ in runs if not cfg.get("first_order", True)]
+    ks = [k for k, _ in exact]
+    if not ring and len(set(ks)) > 1:  # each column's Spearman correlation with K (exact runs)
+        rhos = [f"{spearman(ks, [r[c] for _, r in exact]):+.2f}" for c, *_ in columns]
+        lines += ["", "Spearman correlation with K over the exact runs (+1: the metric rises with "
+                  "K, -1: it falls):", "", "| " + " | ".join(c[1] for c in columns) + " |",
+                  "|---" * len(columns) + "|", "| " + " | ".join(rhos) + " |"]
     write_comparison(out, lines)
     save_gan_figures(runs, step, out, ring)
     return lines
-
-
-VAE_COLUMNS = (  # (metrics.csv column, header, format)
-    ("mig_sampled", "MIG (sampled z)", "{:.3f}"),
-    ("mig", "MIG (means)", "{:.3f}"),
-    ("mse", "recon MSE", "{:.4f}"),
-    ("grey_pct", "grey pixels %", "{:.1f}"),
-    ("active", "active latents (KL > 0.5)", "{:.1f}"))
-
-
-VAE_SCRIPTS = ("beta_vae", "vae_gan", "vae_infogan")
 
 
 def vae_label(cfg, folder):
@@ -698,8 +585,7 @@ def vae_label(cfg, folder):
     if script == "beta_vae" and cfg["beta"] == 1:
         return "VAE (β = 1)"  # with --tcvae too: β = 1 weighs the TC as the plain VAE does
     if script == "beta_vae":
-        kind = "β-TCVAE" if cfg.get("tcvae") else "β-VAE"
-        return f"{kind} β = {cfg['beta']:g}"
+        return f"{'β-TCVAE' if cfg.get('tcvae') else 'β-VAE'} β = {cfg['beta']:g}"
     if script == "vae_gan":
         return f"VAE-GAN β = {cfg['beta']:g}"
     return f"VAE-InfoGAN K = {cfg['k']} β = {cfg['beta']:g}"
@@ -712,9 +598,8 @@ def carriers(row, factors):
 
 
 def save_beta_sweep(runs, step, out):
-    """fig_vae_sweep.png: sampled MIG and recon MSE of the β-VAE and β-TCVAE runs against β, mean
-    over seeds with a min-max band (β = 1, the plain VAE, starts both lines); drawn when a line has
-    two β or more."""
+    """fig_vae_sweep.png, when a line has two β or more: sampled MIG and recon MSE of the β-VAE and
+    β-TCVAE runs against β, mean over seeds, band min-max (β = 1, the VAE, starts both lines)."""
     finals = {}
     for cfg, rows, d in runs:
         if os.path.basename(d).startswith("beta_vae__"):
@@ -737,11 +622,10 @@ def save_beta_sweep(runs, step, out):
 
 
 def compare_vae(paths, out, command):
-    """comparison.md for β-VAE, VAE-GAN and VAE-InfoGAN runs on sprites or squares: one row per
-    setting, the mean ± s.d. over seeds at the last step every run reached, which latent carries
-    each factor in each seed, and D's mean loss over the second half (GAN rows);
-    fig_mig_steps.png: MIG against steps, one curve per setting; fig_vae_sweep.png: the MIGs and
-    the reconstruction error of β-VAE runs against β."""
+    """comparison.md of β-VAE, VAE-GAN and VAE-InfoGAN runs: one row per setting, the mean ± s.d.
+    over seeds at the last step every run reached, which latent carries each factor in each seed,
+    D's mean loss over the second half (GAN rows); fig_mig_steps.png: MIG against steps, one curve
+    per setting; fig_vae_sweep.png: the MIGs and recon error of β-VAE runs against β."""
     step, runs = at_common_step(load_runs(paths))
     groups = {}
     for cfg, rows, d in runs:
@@ -758,15 +642,13 @@ def compare_vae(paths, out, command):
     for label, members in groups.items():
         last = [rows[-1] for _, rows in members]
         for row in last:  # as the scripts' ACTIVE_KL counts them (0.5 nats), also in older rows
-            row["active"] = sum(v > 0.5 for k, v in row.items() if k.startswith("kl_z"))
+            row["active"] = sum(v > ACTIVE_KL for k, v in row.items() if k.startswith("kl_z"))
         cells = [label, " ".join(str(cfg["seed"]) for cfg, _ in members)]
         cells += [stat([r[c] for r in last], 1, fmt) for c, _, fmt in VAE_COLUMNS]
         cells += [stat([r[f"gap_{f}"] for r in last], 1, "{:.3f}") for f in factors]
-        if "loss_d" in last[0]:
-            halves = [[r["loss_d"] for r in rows if r["step"] > step / 2] for _, rows in members]
-            cells.append(stat([sum(h) / len(h) for h in halves if h], 1, "{:.2f}"))
-        else:
-            cells.append("—")
+        gan = "loss_d" in last[0]  # D's loss, the mean over each run's second half
+        halves = [[r["loss_d"] for r in rows if r["step"] > step / 2] for _, rows in members if gan]
+        cells.append(stat([sum(h) / len(h) for h in halves if h], 1, "{:.2f}") if gan else "—")
         on = [carriers(r, factors) for r in last]
         cells += ["/".join(c[f] for c in on) for f in factors]
         lines.append("| " + " | ".join(cells) + " |")
@@ -782,9 +664,8 @@ def compare_vae(paths, out, command):
 def compare_runs(paths, out, command):
     """comparison.md of GAN runs (compare) or of VAE-family runs (compare_vae)."""
     scripts = {os.path.basename(d).split("__")[0] for d in run_folders(paths)}
-    if scripts and scripts <= set(VAE_SCRIPTS):
-        return compare_vae(paths, out, command)
-    return compare(paths, out, command)
+    vae = scripts and scripts <= {"beta_vae", "vae_gan", "vae_infogan"}
+    return (compare_vae if vae else compare)(paths, out, command)
 
 
 def sweep(train, args, script, argv=None):
@@ -796,10 +677,8 @@ def sweep(train, args, script, argv=None):
     if len(settings) > 1:
         name = f"{script[:-3]}__{args.dataset}__sweep__s{args.seed}"
         out = os.path.join(out, f"{name}__{time.strftime('%Y%m%d-%H%M%S')}")
-    runs = []
-    for values in settings:
-        run = {**vars(args), **dict(zip(swept, values)), "out": out}
-        runs.append(train(argparse.Namespace(**run)))
+    runs = [train(argparse.Namespace(**{**vars(args), **dict(zip(swept, values)), "out": out}))
+            for values in settings]
     if len(runs) > 1:
         command = " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)])
         compare_runs(runs, out, command)
@@ -807,9 +686,9 @@ def sweep(train, args, script, argv=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Compare the run folders of any script (a sweep "
-                                "folder stands for its runs): comparison.md and its figures.")
-    p.add_argument("runs", nargs="+", help="run or sweep folders")
+    p = argparse.ArgumentParser(description="evaluation.py measures every script's runs (GAN and "
+                                "VAE family); this compares them: comparison.md and its figures.")
+    p.add_argument("runs", nargs="+", help="run or sweep folders (a sweep stands for its runs)")
     p.add_argument("--out", default="comparison",
                    help="folder for comparison.md and the figures (default: %(default)s)")
     args = p.parse_args(argv)

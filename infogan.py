@@ -1,13 +1,7 @@
-"""InfoGAN on MNIST: report §II.A, eqs. (1)-(3); Figs 4-5 (the K = 0 traversals of §III.B).
+"""InfoGAN (Chen et al. 2016) on MNIST: report §II.A, eqs. (1)-(3); Figs 4-5.
 
-Chen et al. 2016, "InfoGAN: Interpretable Representation Learning by Information Maximizing
-Generative Adversarial Nets" (arXiv:1606.03657), with its MNIST networks (Table 1; --width scales
-every hidden layer), latents and learning rates. Each epoch: the categorical code's test accuracy
-and what the generated digits look like, measured (evaluation.py); figures
-fig04/fig05_traversal_c1/c2.png, samples.png, losses.png.
-
-    python infogan.py --data-root DATA                            # the paper's networks, 15 epochs
-    python infogan.py --data-root DATA --width 0.25 --epochs 5    # fits a CPU (README's labs)
+    python infogan.py --data-root DATA  # the paper's run
+    python infogan.py --data-root DATA --width 0.25 --epochs 5  # a CPU lab
 """
 import argparse
 import itertools
@@ -25,66 +19,64 @@ import common
 import evaluation
 
 SCRIPT = "infogan.py"
-LOSSES = ("loss_d", "loss_g", "li_cat", "li_cont")  # what train_step returns, in this order
-DEFAULTS = {"mnist": dict(
-    epochs=15,  # the InfoGAN paper's MNIST run, about 14,000 steps
-    epoch_steps=0,  # an epoch is a pass over the data (937 steps of 64)
-    batch_size=64,  # the InfoGAN paper's
-    width=1.0,  # 1 = the paper's Table 1 networks; 0.25 fits a CPU (README's labs)
-    lr_g=1e-3,  # the InfoGAN paper's Adam learning rates (G's Adam also trains Q's head)
+LOSSES = ("loss_d", "loss_g", "li_cat", "li_cont")  # train_step's order
+DEFAULTS = {"mnist": dict(  # the InfoGAN paper's settings
+    epochs=15,  # about 14,000 steps
+    epoch_steps=0,  # 0: a pass over the data (937 steps)
+    batch_size=64,
+    width=1.0,  # 1: Table 1's nets; 0.25 fits a CPU
+    lr_g=1e-3,  # Adam's; G's also trains Q's head
     lr_d=2e-4,
-    beta1=0.5,  # Adam's β1, as in DCGAN and InfoGAN
-    lambda_cat=1.0,  # λ of eq. (3), the InfoGAN paper's 1
-    lambda_cont=1.0,  # the same 1; li_cont is a mean over the 2 codes, not a sum
-    n_noise=62,  # the InfoGAN paper's latents: z, one 10-way code, two continuous codes
+    beta1=0.5,  # Adam's β1, as in DCGAN
+    lambda_cat=1.0,  # λ of eq. (3)
+    lambda_cont=1.0,  # li_cont: a mean over codes
+    n_noise=62,  # z; one 10-way code, 2 continuous
     n_cat=10,
     n_cont=2)}
-
 
 # ---- Flags: the shared ones (the same in every script), then this script's own -----------------
 RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "out")
 
 
 def parse_args(argv=None):
-    """Defaults: DEFAULTS[--dataset], or on --resume the run's own flags (only RUN_FLAGS may
-    change). Returns the flags and the checkpoint (or None). Errors: one line, before any data."""
+    """Defaults: DEFAULTS[--dataset], or the flags of the run --resume continues
+    (only RUN_FLAGS may change). Returns the flags and the checkpoint (or None)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = common.die  # argparse's errors: one line, exit status 1
     gpu = torch.cuda.is_available()
     p.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0], help="data")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="where to train",
+    p.add_argument("--device", choices=["cpu", "cuda"], help="device",
                    default="cuda" if gpu else "cpu")
-    p.add_argument("--data-root", default="./data", help="holds MNIST/raw or img_align_celeba")
-    p.add_argument("--out", default="runs", help="the folder that run folders go in")
-    p.add_argument("--resume", help="a run folder to continue, with its own flags")
-    p.add_argument("--seed", type=between(0, 2 ** 31, int), default=1, help="weights, noise, order")
-    p.add_argument("--epochs", type=between(1, 10 ** 6, int), help="training epochs")
-    p.add_argument("--epoch-steps", type=between(0, 10 ** 9, int), help="0: a pass over the data")
-    p.add_argument("--steps", type=between(1, 10 ** 12, int), help="stop after this many in all")
-    p.add_argument("--batch-size", type=between(2, 4096, int), help="samples per step")
-    p.add_argument("--log-every", type=between(1, 10 ** 9, int), default=100, help="steps a line")
+    p.add_argument("--data-root", default="./data", help="MNIST/raw or CelebA's")
+    p.add_argument("--out", default="runs", help="where run folders go")
+    p.add_argument("--resume", help="a run folder to continue")
+    p.add_argument("--seed", type=between(0, 2 ** 31, int), default=1, help="seed")
+    p.add_argument("--epochs", type=between(1, 10 ** 6, int), help="epochs")
+    p.add_argument("--epoch-steps", type=between(0, 10 ** 9, int), help="0: a pass")
+    p.add_argument("--steps", type=between(1, 10 ** 12, int), help="steps in all")
+    p.add_argument("--batch-size", type=between(2, 4096, int), help="images a step")
+    p.add_argument("--log-every", type=between(1, 10 ** 9, int), default=100, help="steps")
     # ---- this script's own ----
-    p.add_argument("--width", type=between(1 / 64, 4), help="× every hidden size; 1: the paper's")
-    p.add_argument("--lr-g", type=between(1e-9, 1), help="Adam learning rate of G and Q's head")
-    p.add_argument("--lr-d", type=between(1e-9, 1), help="Adam learning rate of D")
-    known = p.parse_known_args(argv)[0]  # --dataset and --resume choose the defaults
+    p.add_argument("--width", type=between(1 / 64, 4), help="× every hidden size")
+    p.add_argument("--lr-g", type=between(1e-9, 1), help="Adam's rate for G, Q's head")
+    p.add_argument("--lr-d", type=between(1e-9, 1), help="Adam's rate for D")
+    known = p.parse_known_args(argv)[0]  # --dataset and --resume set the defaults
     ckpt = read_checkpoint(known.resume) if known.resume else None
     p.set_defaults(**(ckpt["args"] if ckpt else DEFAULTS[known.dataset]))
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     args = p.parse_args(argv)
-    common.need(args.device == "cpu" or gpu, "--device cuda: no GPU here; use --device cpu")
-    common.need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
+    common.need(args.device == "cpu" or gpu, "--device cuda: no GPU here; use cpu")
+    common.need(not os.path.isfile(args.out), f"--out {args.out} is a file")
     for flag, value in (ckpt["args"] if ckpt else {}).items():
         common.need(flag in RUN_FLAGS or vars(args)[flag] == value,
-                    f"--resume keeps the run's --{flag.replace('_', '-')} {value}; leave it out")
+                    f"--resume keeps the run's {flag} = {value}; leave it out")
     return args, ckpt
 
 
-# ---- Models: the InfoGAN paper's MNIST networks (its Table 1) ----------------------------------
-# Every hidden size × --width (the shapes below are at width 1); D's and Q's LeakyReLU slope 0.1.
+# ---- Models (InfoGAN paper's Table 1, sizes × --width), latents, losses ----
 def generator(n_latent, width=1.0):
-    """G(z, c): FC 1024-BN-ReLU, FC 7·7·128-BN-ReLU, deconv 64-BN-ReLU, deconv 1-tanh."""
+    """G(z, c) -> (B, 1, 28, 28); the shapes below are at width 1."""
     h1, h2, h3 = (max(1, round(n * width)) for n in (1024, 128, 64))
     return nn.Sequential(
         nn.Linear(n_latent, h1),  # (B, 1024)
@@ -102,10 +94,7 @@ def generator(n_latent, width=1.0):
 
 
 class Discriminator(nn.Module):
-    """D: conv 64-lReLU, conv 128-BN-lReLU, FC 1024-BN-lReLU, FC 1 (a logit). Q shares D's whole
-    body and adds its own head, q_head: FC 128-BN-lReLU, then n_cat categorical logits and n_cont
-    Gaussian means."""
-
+    """D = d_head(body(x)); Q = q_head(body(x)): c_cat logits, c_cont means."""
     def __init__(self, n_cat, n_cont, width=1.0):
         super().__init__()
         h1, h2, h3, h4 = (max(1, round(n * width)) for n in (64, 128, 1024, 128))
@@ -132,14 +121,13 @@ class Discriminator(nn.Module):
         return self.d_head(h).squeeze(1), self.q_head(h)
 
 
-# ---- Latents and losses ------------------------------------------------------------------------
 def make_latent(z, c_cat, c_cont, n_cat):
-    """Generator input [z, one-hot(c_cat), c_cont]: (B, n_noise + n_cat + n_cont)."""
+    """G's input [z, one-hot(c_cat), c_cont]: (B, n_noise + n_cat + n_cont)."""
     return torch.cat([z, F.one_hot(c_cat, n_cat).to(z.dtype), c_cont], dim=1)
 
 
 def sample_latents(n, n_noise, n_cat, n_cont, device, generator=None):
-    """z ~ N(0, I), c_cat ~ U{0..n_cat-1}, c_cont ~ U(-1, 1); returns (latent, c_cat, c_cont)."""
+    """z ~ N(0, I), c_cat ~ U{0..n_cat-1}, c_cont ~ U(-1, 1)."""
     z = torch.randn(n, n_noise, device=device, generator=generator)
     c_cat = torch.randint(n_cat, (n,), device=device, generator=generator)
     c_cont = torch.rand(n, n_cont, device=device, generator=generator) * 2 - 1
@@ -147,9 +135,7 @@ def sample_latents(n, n_noise, n_cat, n_cont, device, generator=None):
 
 
 def traversal_latents(z, c_cont, code, values, n_cat):
-    """Figs 4-11 layout, row-major: row r has c_cat = r, column j sets continuous code `code` to
-    values[j]; the noise z (n_noise,) and the other codes c_cont (n_cont,) are the same in every
-    cell."""
+    """Figs 4-11, row-major: c_cat = row, c_cont[code] = values[col]; z fixed."""
     rows, cols = n_cat, len(values)
     c_cat = torch.arange(rows, device=z.device).repeat_interleave(cols)  # (R*C,)
     cc = c_cont.expand(rows * cols, -1).clone()
@@ -158,17 +144,14 @@ def traversal_latents(z, c_cont, code, values, n_cat):
 
 
 def fixed_latents(args, device):
-    """The figures' latents, the same every epoch: one z (the codes at 0) for the traversals,
-    and 10 latents per categorical value for samples.png."""
+    """Fixed latents: a traversal's z (codes at 0), 10 samples per c_cat."""
     g = torch.Generator().manual_seed(args.seed)
-    n = 10 * args.n_cat
     z = torch.randn(args.n_noise, generator=g)
-    samples_z = torch.randn(n, args.n_noise, generator=g)
     samples_cat = torch.arange(args.n_cat).repeat_interleave(10)
-    samples_cont = torch.rand(n, args.n_cont, generator=g) * 2 - 1
-    samples = make_latent(samples_z, samples_cat, samples_cont, args.n_cat)
-    values = torch.linspace(-2, 2, 10)  # the traversals' columns
-    fixed = dict(z=z, c_cont=torch.zeros(args.n_cont), values=values, samples=samples)
+    samples_z = torch.randn(len(samples_cat), args.n_noise, generator=g)
+    samples_cont = torch.rand(len(samples_cat), args.n_cont, generator=g) * 2 - 1
+    fixed = dict(z=z, c_cont=torch.zeros(args.n_cont), values=torch.linspace(-2, 2, 10),
+                 samples=make_latent(samples_z, samples_cat, samples_cont, args.n_cat))
     return {name: t.to(device) for name, t in fixed.items()}
 
 
@@ -180,22 +163,17 @@ def d_loss(real_logit, fake_logit):
 
 
 def information_losses(q, c_cat, c_cont, n_cat):
-    """The L_I terms we minimise, each -E[log Q(c|x)] up to a constant (= -L_I(G, Q) + H(c)).
-    li_cat: the cross-entropy of Q's softmax on the true code, a batch mean. li_cont:
-    0.5·(μ_Q(x) - c)², a mean over batch and codes: the Gaussian NLL with a FIXED σ = 1, less
-    0.5·log 2π (the InfoGAN paper may learn σ)."""
-    li_cat = F.cross_entropy(q[:, :n_cat], c_cat)
-    li_cont = 0.5 * (q[:, n_cat:] - c_cont).pow(2).mean()
+    """-L_I + H(c), less constants: cross-entropy, Gaussian NLL (σ = 1)."""
+    li_cat = F.cross_entropy(q[:, :n_cat], c_cat)  # a batch mean
+    li_cont = 0.5 * (q[:, n_cat:] - c_cont).pow(2).mean()  # over batch and codes
     return li_cat, li_cont
 
 
-# ---- ALGO LOGIC: one training step (Chen et al.: one D step, then one G and Q step) -------------
+# ---- ALGO LOGIC: one training step (a D step, then a G and Q step) ----
 def train_step(nets, opts, x, args):
-    """One InfoGAN step on a real batch x (B, 1, 28, 28) in [-1, 1]; returns the detached
-    (loss_d, loss_g, li_cat, li_cont)."""
+    """One step on real x (B, 1, 28, 28) in [-1, 1] -> LOSSES."""
     G, D = nets["G"], nets["D"]
-    B = x.shape[0]
-    latent, c_cat, c_cont = sample_latents(B, args.n_noise, args.n_cat, args.n_cont, x.device)
+    latent, c_cat, c_cont = sample_latents(len(x), args.n_noise, args.n_cat, args.n_cont, x.device)
     fake = G(latent)
 
     # ---- (1) discriminator step: maximise eq. (1), log D(x) + log(1 - D(G(z, c))) ----
@@ -206,14 +184,11 @@ def train_step(nets, opts, x, args):
     loss_d.backward()
     opts["d"].step()
 
-    # ---- (2) generator loss: the non-saturating -log D(G(z, c)) (a batch mean) in place of
-    # eq. (1)'s log(1 - D(G(z, c))), whose gradient vanishes while D wins (Goodfellow et al.) ----
+    # ---- (2) generator loss: the non-saturating -log D(G(z, c)), a batch mean ----
     fake_logit, q = D(fake)
     loss_g = F.binary_cross_entropy_with_logits(fake_logit, torch.ones_like(fake_logit))
 
-    # ---- (3) information term and G/Q step, eq. (3): min over G, Q of V(D, G) - λ L_I(G, Q).
-    # One Adam update of G and Q's head on loss_g + λ·(-L_I). Deviation: Q's body is D's, trained
-    # by the D step only, not on L_I ----
+    # ---- (3) G and Q step, eq. (3): min V - λ L_I (deviation: D's body not on L_I) ----
     li_cat, li_cont = information_losses(q, c_cat, c_cont, args.n_cat)
     loss_gq = loss_g + args.lambda_cat * li_cat + args.lambda_cont * li_cont
     opts["g"].zero_grad(set_to_none=True)
@@ -222,23 +197,20 @@ def train_step(nets, opts, x, args):
     return torch.stack([loss_d, loss_g, li_cat, li_cont]).detach()
 
 
-# ---- Networks, data, evaluation, figures -------------------------------------------------------
+# ---- Networks, data, evaluation, figures ----
 def build(args, shape):
-    """G, D (with Q's head) and two Adams: D's owns D's body and head, G's owns G and Q's head."""
-    device = torch.device(args.device)
-    G = generator(args.n_noise + args.n_cat + args.n_cont, args.width).to(device)
-    D = Discriminator(args.n_cat, args.n_cont, args.width).to(device)
+    """G, D (with Q's head); Adams for D's body, d_head and for G, q_head."""
+    G = generator(args.n_noise + args.n_cat + args.n_cont, args.width).to(args.device)
+    D = Discriminator(args.n_cat, args.n_cont, args.width).to(args.device)
     d_params = [*D.body.parameters(), *D.d_head.parameters()]
     g_params = [*G.parameters(), *D.q_head.parameters()]
-    betas = (args.beta1, 0.999)
-    opts = {"d": torch.optim.Adam(d_params, lr=args.lr_d, betas=betas),
-            "g": torch.optim.Adam(g_params, lr=args.lr_g, betas=betas)}
+    opts = {"d": torch.optim.Adam(d_params, lr=args.lr_d, betas=(args.beta1, 0.999)),
+            "g": torch.optim.Adam(g_params, lr=args.lr_g, betas=(args.beta1, 0.999))}
     return {"G": G, "D": D}, opts
 
 
 def setup(args):
-    """MNIST in [-1, 1] (G ends in tanh), the test digits, the figures' fixed latents, the digit
-    measures."""
+    """MNIST in [-1, 1] (G's tanh), test digits, fixed latents, measures."""
     device = torch.device(args.device)
     train = common.load_data(args.dataset, args.data_root, device, signed=True)
     test = common.load_data(args.dataset, args.data_root, device, train=False, signed=True)
@@ -247,13 +219,13 @@ def setup(args):
 
 
 def evaluate(nets, ctx, args):
-    """Q's categorical accuracy on the test digits; classes covered and what each code moves."""
+    """Q's test accuracy; classes covered; what each code moves."""
     test_acc = evaluation.test_accuracy(nets["D"], ctx["test"], args.n_cat)
     return {"test_acc": test_acc, **ctx["measure"](nets["G"])}
 
 
 def save_figures(nets, ctx, args, folder, row):
-    """fig04/fig05 traversals and samples.png (fixed latents); losses.png from metrics.csv."""
+    """fig04/fig05, samples.png; losses.png from metrics.csv."""
     save_digit_figures(nets["G"], ctx["fixed"], args, folder, row["step"])
     common.plot_metrics(os.path.join(folder, "metrics.csv"), list(LOSSES),
                         os.path.join(folder, "losses.png"), title="losses")
@@ -261,30 +233,31 @@ def save_figures(nets, ctx, args, folder, row):
 
 @torch.no_grad()
 def save_digit_figures(G, fixed, args, folder, step, title=""):
-    """fig04/fig05: one traversal per continuous code (rows: categorical code), and samples.png."""
-    G.eval()  # BatchNorm's running statistics: a traversal shares one z, skewing batch statistics
+    """fig04/05: a traversal per continuous code (rows: c_cat); samples.png."""
+    G.eval()  # BN's running statistics: a traversal's one z skews a batch's
     row_labels = [f"c_cat={r}" for r in range(args.n_cat)]
-    for code in range(args.n_cont):
-        latent, _, _ = traversal_latents(fixed["z"], fixed["c_cont"], code, fixed["values"],
-                                         args.n_cat)
-        images = (G(latent) + 1).view(args.n_cat, -1, 1, 28, 28) / 2  # (rows, columns, 1, 28, 28)
-        name = f"traversal_c{code + 1}"
-        if code < 2:  # the report's Figs 4 and 5
-            name = f"fig0{code + 4}_{name}"
+    moved = []  # each code's traversal, for traversal.gif
+    for j in range(args.n_cont):  # continuous code c{j + 1}
+        latent = traversal_latents(fixed["z"], fixed["c_cont"], j, fixed["values"], args.n_cat)[0]
+        images = (G(latent) + 1).view(args.n_cat, -1, 1, 28, 28) / 2  # (rows, cols, 1, 28, 28)
+        moved.append(images)
+        name = f"fig0{j + 4}_traversal_c{j + 1}" if j < 2 else f"traversal_c{j + 1}"
+        label = f"{title}continuous code c{j + 1} (rows: categorical code; z, other codes fixed)"
         common.save_traversal(images, os.path.join(folder, name + ".png"), fixed["values"],
-                              row_labels=row_labels, xlabel=f"c{code + 1}",
-                              title=f"{title}continuous code c{code + 1} "
-                                    "(rows: categorical code; z, other codes fixed)")
+                              row_labels=row_labels, xlabel=f"c{j + 1}", title=label)
     common.save_grid((G(fixed["samples"]) + 1) / 2, os.path.join(folder, "samples.png"), nrow=10,
                      row_labels=row_labels, title=f"{title}samples, step {step}")
+    frames = torch.stack(moved).permute(2, 0, 1, 3, 4, 5)  # (values, codes, c_cat, 1, 28, 28)
+    common.save_traversal_gif(frames, os.path.join(folder, "traversal.gif"), fixed["values"],
+                              [f"c{j + 1}" for j in range(args.n_cont)], f"{title}c_cat 0-9")
     G.train()
 
 
 # ================================================================================================
-# PLUMBING: the same text in every script (a test checks it); a reader beside the report may skip
-# it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
+# PLUMBING: the same text in every script (a test checks it); a reader beside the report may
+# skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
 def between(lo, hi, kind=float):
-    """An argparse type: a `kind` in [lo, hi]; argparse turns the error into one line."""
+    """An argparse type: a `kind` in [lo, hi]."""
     def number(text):
         if not lo <= kind(text) <= hi:
             raise argparse.ArgumentTypeError(f"{text} is not in [{lo:g}, {hi:g}]")
@@ -293,22 +266,22 @@ def between(lo, hi, kind=float):
 
 
 def read_checkpoint(path):
-    """--resume: a run folder's checkpoint of this script, loaded without running code in it."""
+    """--resume: a run folder's checkpoint (or its path) of this script."""
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    try:  # weights_only: tensors, numbers, strings, containers; a pickle that runs code is refused
+    try:  # weights_only: a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"--resume {path}: not a checkpoint this project can load ({type(e).__name__})")
+        common.die(f"--resume {path}: cannot load it ({type(e).__name__})")
     common.need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
                 f"--resume {path}: not a checkpoint of {SCRIPT}")
     return {**ckpt, "folder": os.path.dirname(os.path.abspath(path))}
 
 
 def make_run_folder(args):
-    """runs/<script>__<dataset>[__k<K>][__beta<β>][__tcvae]__s<seed>__<time>/ with config.json."""
-    tags = [f"{flag}{vars(args)[flag]:g}" for flag in ("k", "beta") if flag in vars(args)]
-    tags += [flag.replace("_", "-") for flag in ("tcvae", "first_order") if vars(args).get(flag)]
-    tags += [f"s{args.seed}", f"{datetime.now():%Y%m%d-%H%M%S-%f}"]  # μs: no two runs collide
+    """runs/<script>__<dataset>[__k<K>][__beta<β>][__tcvae]__s<seed>__<time>/"""
+    tags = [f"{f}{vars(args)[f]:g}" for f in ("k", "beta") if f in vars(args)]
+    tags += [f.replace("_", "-") for f in ("tcvae", "first_order") if vars(args).get(f)]
+    tags += [f"s{args.seed}", f"{datetime.now():%Y%m%d-%H%M%S-%f}"]  # μs: unique
     folder = os.path.join(args.out, "__".join([SCRIPT[:-3], args.dataset, *tags]))
     os.makedirs(folder)
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -317,25 +290,25 @@ def make_run_folder(args):
 
 
 def save_checkpoint(folder, args, step, seconds, nets, opts, data_rng):
-    """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (temp file, rename)."""
+    """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (rename)."""
     ckpt = {"script": SCRIPT, "args": vars(args), "step": step, "seconds": seconds,
-            "models": {name: net.state_dict() for name, net in nets.items()},
-            "optims": {name: opt.state_dict() for name, opt in opts.items()},
+            "models": {k: net.state_dict() for k, net in nets.items()},
+            "optims": {k: opt.state_dict() for k, opt in opts.items()},
             "rng": [torch.get_rng_state(), data_rng, torch.cuda.get_rng_state_all()]}
     torch.save(ckpt, os.path.join(folder, "checkpoint.tmp"))
     os.replace(os.path.join(folder, "checkpoint.tmp"), os.path.join(folder, "checkpoint.pt"))
 
 
 def train(args, ckpt=None):
-    """One run: seed, data, networks, run folder; then train_step epoch after epoch and, at each
-    epoch's end, a metrics.csv row, the checkpoint and the figures. Returns the run folder."""
+    """One run: train_step epoch after epoch; at each epoch's end a metrics.csv
+    row, the checkpoint and the figures. Returns the run folder."""
     # TRY NOT TO MODIFY: seeding
-    torch.manual_seed(args.seed)  # the weights and the training noise
-    data_gen = torch.Generator().manual_seed(args.seed)  # the order of the training data
+    torch.manual_seed(args.seed)  # weights and training noise
+    data_gen = torch.Generator().manual_seed(args.seed)  # data order
     data, ctx = setup(args)
     nets, opts = build(args, data.shape)
     per_epoch = min(data.steps_per_epoch(args.batch_size), args.epoch_steps or math.inf)
-    common.need(per_epoch > 0, f"--batch-size {args.batch_size} is larger than the training set")
+    common.need(per_epoch > 0, "--batch-size is larger than the data")
     total = min(args.epochs * per_epoch, args.steps or math.inf)
     if ckpt:  # continue that run: its folder, step and states
         folder, step, seconds = ckpt["folder"], ckpt["step"], ckpt["seconds"]
@@ -346,37 +319,38 @@ def train(args, ckpt=None):
         torch.set_rng_state(ckpt["rng"][0])
         data_gen.set_state(ckpt["rng"][1])
         torch.cuda.set_rng_state_all(ckpt["rng"][2])
-        common.truncate_metrics(os.path.join(folder, "metrics.csv"), step)  # rows after it go
+        common.truncate_metrics(os.path.join(folder, "metrics.csv"), step)  # rows after it
     else:
         folder, step, seconds = make_run_folder(args), 0, 0.0
     print(f"run folder {folder} ({'resumed' if ckpt else 'new run'} at step {step})", flush=True)
     t_start = time.time()
-    bad = torch.full((len(LOSSES),), -1, device=args.device)  # each loss's first non-finite step
+    bad = torch.full((len(LOSSES),), -1, device=args.device)  # first non-finite steps
     while step < total:
         epoch = step // per_epoch  # 0-based
-        epoch_rng = data_gen.get_state()  # this epoch's order is drawn from it
+        epoch_rng = data_gen.get_state()  # draws this epoch's order
         begin, end = epoch * per_epoch, min((epoch + 1) * per_epoch, total)
         epoch_start, epoch_sums, t_epoch = step, 0, time.time()
-        batches = data.epoch(args.batch_size, data_gen)  # a resumed run skips its first batches
+        # a resumed run skips the batches it has seen
+        batches = data.epoch(args.batch_size, data_gen)
         for x, _ in itertools.islice(batches, step - begin, end - begin):
             losses = train_step(nets, opts, x, args)
             step += 1
-            epoch_sums = epoch_sums + losses  # on the device: no host sync per step
-            bad = torch.where((bad < 0) & ~torch.isfinite(losses), step, bad)
+            epoch_sums = epoch_sums + losses  # no host sync per step
+            bad = torch.where((bad < 0) & ~losses.isfinite(), step, bad)
             if step % args.log_every == 0 or step == end:
                 for name, at in zip(LOSSES, bad.tolist()):
-                    common.need(at < 0, f"{name} became NaN or infinite at step {at}; lower the lr")
-                rate = (step - epoch_start) / (time.time() - t_epoch)  # the epoch's so far
+                    common.need(at < 0, f"{name} is NaN or inf at step {at}; lower the lr")
+                rate = (step - epoch_start) / (time.time() - t_epoch)
                 means = (epoch_sums / (step - epoch_start)).tolist()
                 shown = "  ".join(f"{n} {v:.3f}" for n, v in zip(LOSSES, means))
                 print(f"epoch {epoch + 1}/{args.epochs}  step {step}/{total}  {shown}  |  "
                       f"{rate:.1f} steps/s  ETA {(total - step) / rate / 60:.1f} min", flush=True)
-        # the epoch's end (or --steps): a metrics.csv row, the checkpoint, the figures
+        # the epoch's end: a metrics.csv row, the checkpoint, the figures
         row = {"epoch": round(step / per_epoch, 3),
                "step": step,
-               "steps_per_s": rate,  # training alone, before evaluate
-               "seconds": round(seconds + time.time() - t_start, 1),  # over resumes too
-               **dict(zip(LOSSES, (epoch_sums / (step - epoch_start)).tolist())),
+               "steps_per_s": rate,  # training alone
+               "seconds": round(seconds + time.time() - t_start, 1),
+               **dict(zip(LOSSES, means)),
                **evaluate(nets, ctx, args)}
         common.append_metrics(os.path.join(folder, "metrics.csv"), row)
         data_rng = epoch_rng if step % per_epoch else data_gen.get_state()  # mid-epoch: replay
@@ -386,7 +360,7 @@ def train(args, ckpt=None):
 
 
 def main(argv=None):
-    """One run; with several --k or --beta values a sweep, one run per value (evaluation.py)."""
+    """One run; several --k or --beta values: a sweep (evaluation.py)."""
     args, ckpt = parse_args(argv)
     return train(args, ckpt) if ckpt else evaluation.sweep(train, args, SCRIPT, argv)
 # ==================================== (end of the plumbing) ====================================

@@ -1,14 +1,7 @@
-"""Unrolled InfoGAN: InfoGAN whose generator trains against a K-step unrolled discriminator, with
-the exact gradient through the unrolled updates (report §II.B-C and §III, eqs. 1-13; Figs 3-12 and
-the Q-loss table).
+"""Unrolled InfoGAN (Chen et al. 2016; Metz et al. 2017): report §II.B-III; Figs 3-12.
 
-Chen et al. 2016 (InfoGAN, as in infogan.py); Metz et al. 2017 (Unrolled GANs). G is
-differentiated through all K updates of D, so eq. (11) keeps its second term (--first-order drops
-it, as the report's own code does). Several --k run a sweep from one seed, then comparison.md and
-fig12_q_loss.png (evaluation.py).
-
-    python unrolled_infogan.py --data-root DATA --width 0.25 --epochs 5 --k 0 5 7 10  # lab sweep
-    python unrolled_infogan.py --dataset ring --k 0 10                                 # Fig 3
+    python unrolled_infogan.py --data-root DATA --width 0.25 --epochs 5 --k 0 5 7 10  # a lab
+    python unrolled_infogan.py --dataset ring --k 0 10  # Fig 3
 """
 import argparse
 import itertools
@@ -27,95 +20,80 @@ import common
 import evaluation
 
 SCRIPT = "unrolled_infogan.py"
-LOSSES = ("loss_d", "loss_g", "li_cat", "li_cont")  # train_step's, in this order (no codes: li = 0)
-MNIST = dict(
-    epochs=15,  # the InfoGAN paper's run: about 14,000 steps of 64
-    epoch_steps=0,  # an epoch is a pass over the data (937 steps)
+LOSSES = ("loss_d", "loss_g", "li_cat", "li_cont")  # train_step's order
+MNIST = dict(  # the InfoGAN paper's, but for K and the unroll
+    epochs=15,  # about 14,000 steps
+    epoch_steps=0,  # 0: a pass over the data (ring: 500 batches)
     batch_size=64,
-    width=1.0,  # 1 = the InfoGAN paper's Table 1 networks; 0.25 fits a CPU (README's labs)
-    k=[10],  # the report's largest K; several values run a sweep
-    # an eighth of D's: at D's own, eq. (11)'s 2nd term cancels G's gradient at K = 10
-    # (docs/unrolling.md)
-    unroll_lr=2.5e-5,
-    g_loss="ns",  # G's f: the non-saturating -log D(G(z)) of infogan.py and the report's code
-    lr_g=1e-3,  # the InfoGAN paper's Adam settings (G's Adam also trains Q's head)
+    width=1.0,  # 1: the papers' nets; 0.25 fits a CPU
+    k=[10],  # the report's largest K; several: a sweep
+    unroll_lr=2.5e-5,  # D's / 8: at D's, D wins at K = 10 (docs/unrolling.md)
+    g_loss="ns",  # G's f: -log D(G(z)), as in infogan.py
+    lr_g=1e-3,  # Adam's; G's also trains Q's head
     lr_d=2e-4,
     beta1=0.5,
-    lambda_cat=1.0,  # the InfoGAN paper's λ (li_cont: a mean over the codes)
-    lambda_cont=1.0,
-    n_noise=62,  # the InfoGAN paper's latents
+    lambda_cat=1.0,  # λ of eq. (3)
+    lambda_cont=1.0,  # li_cont: a mean over codes
+    n_noise=62,  # z; one 10-way code, 2 continuous
     n_cat=10,
     n_cont=2)
-RING = dict(
-    epochs=6,  # 3,000 steps of 512; all modes appear early
-    epoch_steps=0,  # an epoch: 500 fresh batches
+RING = MNIST | dict(  # the Unrolled GAN paper's, where they differ
+    epochs=6,  # 3,000 steps; all modes appear early
     batch_size=512,
-    width=1.0,  # 1 = the Unrolled GAN paper's toy MLPs, two hidden layers of 128
-    k=[10],  # the Unrolled GAN paper's ring uses K up to 10
-    unroll_lr=1e-4,  # and unrolls with D's own learning rate
-    g_loss="saddle",  # eq. (1) as written, as the Unrolled GAN paper uses it
-    lr_g=1e-3,  # the Unrolled GAN paper's ring learning rates
+    unroll_lr=1e-4,  # D's own
+    g_loss="saddle",  # eq. (1) as written
     lr_d=1e-4,
-    beta1=0.5,
-    lambda_cat=0.0,  # a plain GAN: no codes, no Q
-    lambda_cont=0.0,
     n_noise=256,
-    n_cat=0,
+    n_cat=0,  # a plain GAN: no codes, no Q (λ unused)
     n_cont=0)
 DEFAULTS = {"mnist": MNIST, "ring": RING, "grid": RING}
-
 
 # ---- Flags: the shared ones (the same in every script), then this script's own -----------------
 RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "out")
 
 
 def parse_args(argv=None):
-    """Defaults: DEFAULTS[--dataset], or on --resume the run's own flags (only RUN_FLAGS may
-    change). Returns the flags and the checkpoint (or None). Errors: one line, before any data."""
+    """Defaults: DEFAULTS[--dataset], or the flags of the run --resume continues
+    (only RUN_FLAGS may change). Returns the flags and the checkpoint (or None)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = common.die  # argparse's errors: one line, exit status 1
     gpu = torch.cuda.is_available()
     p.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0], help="data")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="where to train",
+    p.add_argument("--device", choices=["cpu", "cuda"], help="device",
                    default="cuda" if gpu else "cpu")
-    p.add_argument("--data-root", default="./data", help="holds MNIST/raw or img_align_celeba")
-    p.add_argument("--out", default="runs", help="the folder that run folders go in")
-    p.add_argument("--resume", help="a run folder to continue, with its own flags")
-    p.add_argument("--seed", type=between(0, 2 ** 31, int), default=1, help="weights, noise, order")
-    p.add_argument("--epochs", type=between(1, 10 ** 6, int), help="training epochs")
-    p.add_argument("--epoch-steps", type=between(0, 10 ** 9, int), help="0: a pass over the data")
-    p.add_argument("--steps", type=between(1, 10 ** 12, int), help="stop after this many in all")
-    p.add_argument("--batch-size", type=between(2, 4096, int), help="samples per step")
-    p.add_argument("--log-every", type=between(1, 10 ** 9, int), default=100, help="steps a line")
+    p.add_argument("--data-root", default="./data", help="MNIST/raw or CelebA's")
+    p.add_argument("--out", default="runs", help="where run folders go")
+    p.add_argument("--resume", help="a run folder to continue")
+    p.add_argument("--seed", type=between(0, 2 ** 31, int), default=1, help="seed")
+    p.add_argument("--epochs", type=between(1, 10 ** 6, int), help="epochs")
+    p.add_argument("--epoch-steps", type=between(0, 10 ** 9, int), help="0: a pass")
+    p.add_argument("--steps", type=between(1, 10 ** 12, int), help="steps in all")
+    p.add_argument("--batch-size", type=between(2, 4096, int), help="images a step")
+    p.add_argument("--log-every", type=between(1, 10 ** 9, int), default=100, help="steps")
     # ---- this script's own ----
-    p.add_argument("--width", type=between(1 / 64, 4), help="× every hidden size; 1: the papers'")
-    p.add_argument("--k", type=between(0, 100, int), nargs="+",
-                   help="unrolling steps K; several values: a sweep, one run after the other")
-    p.add_argument("--first-order", action="store_true",
-                   help="drop the gradient through the unrolled updates (default: exact)")
-    p.add_argument("--unroll-lr", type=between(1e-9, 1),
-                   help="Adam learning rate inside the unroll; on MNIST at D's own 2e-4 the exact "
-                        "K = 10 unroll lets D win and G draw noise (docs/unrolling.md)")
-    p.add_argument("--lr-g", type=between(1e-9, 1), help="Adam learning rate of G and Q's head")
-    p.add_argument("--lr-d", type=between(1e-9, 1), help="Adam learning rate of D")
-    known = p.parse_known_args(argv)[0]  # --dataset and --resume choose the defaults
+    p.add_argument("--width", type=between(1 / 64, 4), help="× every hidden size")
+    p.add_argument("--k", type=between(0, 100, int), nargs="+", help="K; several values: a sweep")
+    p.add_argument("--first-order", action="store_true", help="drop eq. (11)'s 2nd term")
+    p.add_argument("--unroll-lr", type=between(1e-9, 1), help="Adam lr inside the unroll")
+    p.add_argument("--lr-g", type=between(1e-9, 1), help="Adam lr of G and Q's head")
+    p.add_argument("--lr-d", type=between(1e-9, 1), help="Adam lr of D")
+    known = p.parse_known_args(argv)[0]  # --dataset and --resume set the defaults
     ckpt = read_checkpoint(known.resume) if known.resume else None
     p.set_defaults(**(ckpt["args"] if ckpt else DEFAULTS[known.dataset]))
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     args = p.parse_args(argv)
-    common.need(args.device == "cpu" or gpu, "--device cuda: no GPU here; use --device cpu")
-    common.need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
+    common.need(args.device == "cpu" or gpu, "--device cuda: no GPU here; use cpu")
+    common.need(not os.path.isfile(args.out), f"--out {args.out} is a file")
     for flag, value in (ckpt["args"] if ckpt else {}).items():
         common.need(flag in RUN_FLAGS or vars(args)[flag] == value,
-                    f"--resume keeps the run's --{flag.replace('_', '-')} {value}; leave it out")
+                    f"--resume keeps the run's {flag} = {value}; leave it out")
     return args, ckpt
 
 
-# ---- Models: the InfoGAN paper's MNIST networks (its Table 1) ----------------------------------
-# Every hidden size × --width (the shapes below are at width 1); D's and Q's LeakyReLU slope 0.1.
+# ---- Models (InfoGAN paper's Table 1, sizes × --width), latents, losses ----
 def generator(n_latent, width=1.0):
-    """G(z, c): FC 1024-BN-ReLU, FC 7·7·128-BN-ReLU, deconv 64-BN-ReLU, deconv 1-tanh."""
+    """G(z, c) -> (B, 1, 28, 28); the shapes below are at width 1."""
     h1, h2, h3 = (max(1, round(n * width)) for n in (1024, 128, 64))
     return nn.Sequential(
         nn.Linear(n_latent, h1),  # (B, 1024)
@@ -129,15 +107,11 @@ def generator(n_latent, width=1.0):
         nn.BatchNorm2d(h3),
         nn.ReLU(),
         nn.ConvTranspose2d(h3, 1, 4, 2, 1),  # (B, 1, 28, 28)
-        nn.Tanh(),  # pixels in [-1, 1]
-    )
+        nn.Tanh())  # pixels in [-1, 1]
 
 
 class Discriminator(nn.Module):
-    """D: conv 64-lReLU, conv 128-BN-lReLU, FC 1024-BN-lReLU, FC 1 (a logit). Q shares D's whole
-    body and adds its own head, q_head: FC 128-BN-lReLU, then n_cat categorical logits and n_cont
-    Gaussian means."""
-
+    """D = d_head(body(x)); Q = q_head(body(x)): c_cat logits, c_cont means."""
     def __init__(self, n_cat, n_cont, width=1.0):
         super().__init__()
         h1, h2, h3, h4 = (max(1, round(n * width)) for n in (64, 128, 1024, 128))
@@ -150,15 +124,13 @@ class Discriminator(nn.Module):
             nn.Flatten(),  # (B, 6272)
             nn.Linear(h2 * 7 * 7, h3),  # (B, 1024)
             nn.BatchNorm1d(h3),
-            nn.LeakyReLU(0.1),
-        )
+            nn.LeakyReLU(0.1))
         self.d_head = nn.Linear(h3, 1)  # (B, 1)
         self.q_head = nn.Sequential(
             nn.Linear(h3, h4),  # (B, 128)
             nn.BatchNorm1d(h4),
             nn.LeakyReLU(0.1),
-            nn.Linear(h4, n_cat + n_cont),  # (B, n_cat + n_cont)
-        )
+            nn.Linear(h4, n_cat + n_cont))  # (B, n_cat + n_cont)
 
     def forward(self, x):
         """(B, 1, 28, 28) -> D's logit (B,), Q's outputs (B, n_cat + n_cont)."""
@@ -166,49 +138,37 @@ class Discriminator(nn.Module):
         return self.d_head(h).squeeze(1), self.q_head(h)
 
 
-# Ring/grid: the Unrolled GAN paper's toy MLPs, two hidden layers of 128 (× --width), no codes, no
-# Q. ReLU: with it a plain GAN (K = 0) collapses on most seeds, so K = 0 vs K = 10 shows what
-# unrolling does.
 def mlp(n_in, n_out, width=1.0):
-    """(B, n_in) -> (B, n_out) through two hidden layers of 128."""
+    """Unrolled GAN's ring/grid nets: (B, n_in) -> (B, n_out)."""
     h = max(1, round(128 * width))
     return nn.Sequential(
         nn.Linear(n_in, h),  # (B, 128)
-        nn.ReLU(),
+        nn.ReLU(),  # with it, K = 0 collapses on most seeds
         nn.Linear(h, h),  # (B, 128)
         nn.ReLU(),
-        nn.Linear(h, n_out),  # (B, n_out)
-    )
+        nn.Linear(h, n_out))  # (B, n_out)
 
 
-class ToyDiscriminator(nn.Sequential):
-    """The ring/grid D, made from mlp(2, 1): (B, 2) -> its logit (B,) and no Q outputs (D's
-    interface is (logit, q))."""
-
+class ToyDiscriminator(nn.Sequential):  # mlp(2, 1) -> (logit (B,), no Q)
     def forward(self, x):
         return super().forward(x).squeeze(1), None
 
 
-# ---- Latents and losses ------------------------------------------------------------------------
 def make_latent(z, c_cat, c_cont, n_cat):
-    """Generator input [z, one-hot(c_cat), c_cont]: (B, n_noise + n_cat + n_cont)."""
+    """G's input [z, one-hot(c_cat), c_cont]: (B, n_noise + n_cat + n_cont)."""
     return torch.cat([z, F.one_hot(c_cat, n_cat).to(z.dtype), c_cont], dim=1)
 
 
-
 def sample_latents(n, n_noise, n_cat, n_cont, device, generator=None):
-    """z ~ N(0, I), c_cat ~ U{0..n_cat-1}, c_cont ~ U(-1, 1); returns (latent, c_cat, c_cont)."""
+    """z ~ N(0, I), c_cat ~ U{0..n_cat-1}, c_cont ~ U(-1, 1)."""
     z = torch.randn(n, n_noise, device=device, generator=generator)
     c_cat = torch.randint(n_cat, (n,), device=device, generator=generator)
     c_cont = torch.rand(n, n_cont, device=device, generator=generator) * 2 - 1
     return make_latent(z, c_cat, c_cont, n_cat), c_cat, c_cont
 
 
-
 def traversal_latents(z, c_cont, code, values, n_cat):
-    """Figs 4-11 layout, row-major: row r has c_cat = r, column j sets continuous code `code` to
-    values[j]; the noise z (n_noise,) and the other codes c_cont (n_cont,) are the same in every
-    cell."""
+    """Figs 4-11, row-major: c_cat = row, c_cont[code] = values[col]; z fixed."""
     rows, cols = n_cat, len(values)
     c_cat = torch.arange(rows, device=z.device).repeat_interleave(cols)  # (R*C,)
     cc = c_cont.expand(rows * cols, -1).clone()
@@ -216,22 +176,16 @@ def traversal_latents(z, c_cont, code, values, n_cat):
     return make_latent(z.expand(rows * cols, -1), c_cat, cc, n_cat), c_cat, cc
 
 
-
 def fixed_latents(args, device):
-    """The figures' latents, the same at every epoch: one z with the continuous codes at 0 for the
-    traversals, and 10 latents per categorical value for samples.png."""
+    """Fixed latents: a traversal's z (codes at 0), 10 samples per c_cat."""
     g = torch.Generator().manual_seed(args.seed)
-    n = 10 * args.n_cat
     z = torch.randn(args.n_noise, generator=g)
-    samples_z = torch.randn(n, args.n_noise, generator=g)
     samples_cat = torch.arange(args.n_cat).repeat_interleave(10)
-    samples_cont = torch.rand(n, args.n_cont, generator=g) * 2 - 1
-    fixed = {"z": z,
-             "c_cont": torch.zeros(args.n_cont),
-             "values": torch.linspace(-2, 2, 10),  # the traversals' columns
-             "samples": make_latent(samples_z, samples_cat, samples_cont, args.n_cat)}
+    samples_z = torch.randn(len(samples_cat), args.n_noise, generator=g)
+    samples_cont = torch.rand(len(samples_cat), args.n_cont, generator=g) * 2 - 1
+    fixed = dict(z=z, c_cont=torch.zeros(args.n_cont), values=torch.linspace(-2, 2, 10),
+                 samples=make_latent(samples_z, samples_cat, samples_cont, args.n_cat))
     return {name: t.to(device) for name, t in fixed.items()}
-
 
 
 def d_loss(real_logit, fake_logit):
@@ -241,14 +195,10 @@ def d_loss(real_logit, fake_logit):
             + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit)))
 
 
-
 def information_losses(q, c_cat, c_cont, n_cat):
-    """The L_I terms we minimise, each -E[log Q(c|x)] up to a constant (= -L_I(G, Q) + H(c)).
-    li_cat: the cross-entropy of Q's softmax on the true code, a batch mean. li_cont:
-    0.5·(μ_Q(x) - c)², a mean over batch and codes: the Gaussian NLL with a FIXED σ = 1, less
-    0.5·log 2π (the InfoGAN paper may learn σ)."""
-    li_cat = F.cross_entropy(q[:, :n_cat], c_cat)
-    li_cont = 0.5 * (q[:, n_cat:] - c_cont).pow(2).mean()
+    """-L_I + H(c), less constants: cross-entropy, Gaussian NLL (σ = 1)."""
+    li_cat = F.cross_entropy(q[:, :n_cat], c_cat)  # a batch mean
+    li_cont = 0.5 * (q[:, n_cat:] - c_cont).pow(2).mean()  # over batch and codes
     return li_cat, li_cont
 
 
@@ -343,10 +293,9 @@ def forward_with_copied_buffers(D, x):
     return functional_call(D, buffers, (x,))
 
 
-# ---- ALGO LOGIC: one training step --------------------------------------------------------------
+# ---- ALGO LOGIC: one training step (D step, look-ahead, G and Q step) ----
 def train_step(nets, opts, x, args):
-    """One step on a real batch x (images in [-1, 1], or ring/grid points); returns the detached
-    (loss_d, f_K, li_cat, li_cont)."""
+    """One step on real x (digits in [-1, 1], or points) -> LOSSES."""
     G, D = nets["G"], nets["D"]
     B = x.shape[0]
     if args.n_cat:
@@ -363,22 +312,17 @@ def train_step(nets, opts, x, args):
     loss_d.backward()
     opts["d"].step()
 
-    # ---- (2) unrolled look-ahead, eqs. (8)-(10): f_K, G's loss against a copy of D (as this step
-    # left it) after K more differentiable Adam updates on this step's real and fake batches ----
+    # ---- (2) unrolled look-ahead, eqs. (8)-(10): f_K, G's loss after K more D steps ----
     loss_g = unrolled_g_loss(D, opts["d"], x, fake, args.k, args.unroll_lr, args.g_loss,
                              args.first_order)
 
-    # ---- (3) information term, eqs. (12)-(13): g_K = f_K - λ L_I, with L_I on the live, NOT
-    # unrolled, D/Q (report §III.A), on copies of D's BatchNorm buffers so that D's state stays as
-    # the D step left it ----
+    # ---- (3) information term, eqs. (12)-(13): g_K = f_K - λ L_I, L_I on the live D ----
     li_cat = li_cont = torch.zeros((), device=x.device)
     if args.n_cat:
         _, q = forward_with_copied_buffers(D, fake)
         li_cat, li_cont = information_losses(q, c_cat, c_cont, args.n_cat)
 
-    # ---- (4) generator step: one Adam update of G and Q's head on g_K; backprop through the
-    # unroll gives eq. (11), both terms (the second one unless --first-order). Q's body is D's,
-    # trained by the D step only ----
+    # ---- (4) G and Q step on g_K: both terms of eq. (11) (the report's code: the 1st) ----
     loss_gq = loss_g + args.lambda_cat * li_cat + args.lambda_cont * li_cont
     opts["g"].zero_grad(set_to_none=True)
     loss_gq.backward(inputs=opts["g"].param_groups[0]["params"])  # no gradient for D
@@ -386,46 +330,37 @@ def train_step(nets, opts, x, args):
     return torch.stack([loss_d, loss_g, li_cat, li_cont]).detach()
 
 
-# ---- Networks, data, evaluation, figures, the sweep ---------------------------------------------
+# ---- Networks, data, evaluation, figures ----
 def build(args, shape):
-    """G, D (with Q's head on MNIST) and two Adams: D's owns D's body and head, G's owns G and Q's
-    head."""
-    device = torch.device(args.device)
-    n_latent = args.n_noise + args.n_cat + args.n_cont
+    """G, D (MNIST: with Q's head); Adams for D but q_head and for G, q_head."""
     if args.dataset == "mnist":
-        G = generator(n_latent, args.width).to(device)
-        D = Discriminator(args.n_cat, args.n_cont, args.width).to(device)
-        d_params = [*D.body.parameters(), *D.d_head.parameters()]
-        g_params = [*G.parameters(), *D.q_head.parameters()]
-    else:
-        G = mlp(n_latent, 2, args.width).to(device)
-        D = ToyDiscriminator(*mlp(2, 1, args.width)).to(device)
-        d_params = list(D.parameters())
-        g_params = list(G.parameters())
+        G = generator(args.n_noise + args.n_cat + args.n_cont, args.width).to(args.device)
+        D = Discriminator(args.n_cat, args.n_cont, args.width).to(args.device)
+    else:  # no codes: G(z)
+        G = mlp(args.n_noise, 2, args.width).to(args.device)
+        D = ToyDiscriminator(*mlp(2, 1, args.width)).to(args.device)
+    q_head = [p for n, p in D.named_parameters() if n.startswith("q_head.")]
+    d_params = [p for n, p in D.named_parameters() if not n.startswith("q_head.")]
     betas = (args.beta1, 0.999)
     opts = {"d": torch.optim.Adam(d_params, lr=args.lr_d, betas=betas),
-            "g": torch.optim.Adam(g_params, lr=args.lr_g, betas=betas)}
+            "g": torch.optim.Adam([*G.parameters(), *q_head], lr=args.lr_g, betas=betas)}
     return {"G": G, "D": D}, opts
 
 
 def setup(args):
-    """MNIST in [-1, 1] (G ends in tanh), the test digits, the figures' fixed latents, the digit
-    measures; or ring/grid points and the fixed noise of Fig 3's samples."""
+    """MNIST as in infogan.py; ring/grid: the points, Fig 3's fixed noise."""
     device = torch.device(args.device)
     train = common.load_data(args.dataset, args.data_root, device, signed=True)
     if args.dataset != "mnist":
-        g = torch.Generator().manual_seed(args.seed)
-        z = torch.randn(2500, args.n_noise, generator=g).to(device)
-        return train, {"z": z, "modes": train.modes, "std": train.std}
+        z = torch.randn(2500, args.n_noise, generator=torch.Generator().manual_seed(args.seed))
+        return train, {"z": z.to(device), "modes": train.modes, "std": train.std}
     test = common.load_data(args.dataset, args.data_root, device, train=False, signed=True)
     measure = evaluation.Evaluator(args.data_root, device, args.n_noise, args.n_cat, args.n_cont)
     return train, {"test": test, "fixed": fixed_latents(args, device), "measure": measure}
 
 
-@torch.no_grad()
 def evaluate(nets, ctx, args):
-    """MNIST: Q's test accuracy, classes covered, what each code moves (evaluation.py); ring/grid:
-    the mode metrics."""
+    """MNIST as in infogan.py; ring/grid: the mode metrics."""
     if args.dataset != "mnist":
         return evaluation.mode_metrics(nets["G"](ctx["z"]), ctx["modes"], ctx["std"])
     test_acc = evaluation.test_accuracy(nets["D"], ctx["test"], args.n_cat)
@@ -433,8 +368,7 @@ def evaluate(nets, ctx, args):
 
 
 def save_figures(nets, ctx, args, folder, row):
-    """MNIST: Figs 4-11 (the traversals of this K), samples.png, fig12_q_loss.png, losses.png.
-    Ring/grid: Fig 3's row, losses.png."""
+    """losses.png; MNIST: Figs 4-11, samples.png, fig12; ring: Fig 3's row."""
     metrics = os.path.join(folder, "metrics.csv")
     title = f"K = {args.k}" + (" first-order" if args.first_order else "")
     common.plot_metrics(metrics, ["loss_d", "loss_g"], os.path.join(folder, "losses.png"),
@@ -443,39 +377,38 @@ def save_figures(nets, ctx, args, folder, row):
         save_digit_figures(nets["G"], ctx["fixed"], args, folder, row["step"], f"{title}: ")
         common.plot_metrics(metrics, ["li_cont"], os.path.join(folder, "fig12_q_loss.png"),
                             title=f"{title}: L_I continuous")
-        return
-    # G's samples at each epoch's end are kept in ring_samples.pt, for Fig 3 here and in the sweep
-    with torch.no_grad():
-        samples = nets["G"](ctx["z"])
-    common.save_scatter_history(folder, f"step {row['step']}", samples, title, ctx["modes"])
+    else:  # Fig 3, here and in the sweep, from ring_samples.pt
+        samples = nets["G"](ctx["z"]).detach()
+        common.save_scatter_history(folder, f"step {row['step']}", samples, title, ctx["modes"])
 
 
 @torch.no_grad()
 def save_digit_figures(G, fixed, args, folder, step, title=""):
-    """fig04/fig05: one traversal per continuous code (rows: categorical code), and samples.png."""
-    G.eval()  # BatchNorm's running statistics: a traversal shares one z, skewing batch statistics
+    """fig04/05: a traversal per continuous code (rows: c_cat); samples.png."""
+    G.eval()  # BN's running statistics: a traversal's one z skews a batch's
     row_labels = [f"c_cat={r}" for r in range(args.n_cat)]
-    for code in range(args.n_cont):
-        latent, _, _ = traversal_latents(fixed["z"], fixed["c_cont"], code, fixed["values"],
-                                         args.n_cat)
-        images = (G(latent) + 1).view(args.n_cat, -1, 1, 28, 28) / 2  # (rows, columns, 1, 28, 28)
-        name = f"traversal_c{code + 1}"
-        if code < 2:  # the report's Figs 4 and 5
-            name = f"fig0{code + 4}_{name}"
+    moved = []  # each code's traversal, for traversal.gif
+    for j in range(args.n_cont):  # continuous code c{j + 1}
+        latent = traversal_latents(fixed["z"], fixed["c_cont"], j, fixed["values"], args.n_cat)[0]
+        images = (G(latent) + 1).view(args.n_cat, -1, 1, 28, 28) / 2  # (rows, cols, 1, 28, 28)
+        moved.append(images)
+        name = f"fig0{j + 4}_traversal_c{j + 1}" if j < 2 else f"traversal_c{j + 1}"
+        label = f"{title}continuous code c{j + 1} (rows: categorical code; z, other codes fixed)"
         common.save_traversal(images, os.path.join(folder, name + ".png"), fixed["values"],
-                              row_labels=row_labels, xlabel=f"c{code + 1}",
-                              title=f"{title}continuous code c{code + 1} "
-                                    "(rows: categorical code; z, other codes fixed)")
+                              row_labels=row_labels, xlabel=f"c{j + 1}", title=label)
     common.save_grid((G(fixed["samples"]) + 1) / 2, os.path.join(folder, "samples.png"), nrow=10,
                      row_labels=row_labels, title=f"{title}samples, step {step}")
+    frames = torch.stack(moved).permute(2, 0, 1, 3, 4, 5)  # (values, codes, c_cat, 1, 28, 28)
+    common.save_traversal_gif(frames, os.path.join(folder, "traversal.gif"), fixed["values"],
+                              [f"c{j + 1}" for j in range(args.n_cont)], f"{title}c_cat 0-9")
     G.train()
 
 
 # ================================================================================================
-# PLUMBING: the same text in every script (a test checks it); a reader beside the report may skip
-# it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
+# PLUMBING: the same text in every script (a test checks it); a reader beside the report may
+# skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
 def between(lo, hi, kind=float):
-    """An argparse type: a `kind` in [lo, hi]; argparse turns the error into one line."""
+    """An argparse type: a `kind` in [lo, hi]."""
     def number(text):
         if not lo <= kind(text) <= hi:
             raise argparse.ArgumentTypeError(f"{text} is not in [{lo:g}, {hi:g}]")
@@ -484,22 +417,22 @@ def between(lo, hi, kind=float):
 
 
 def read_checkpoint(path):
-    """--resume: a run folder's checkpoint of this script, loaded without running code in it."""
+    """--resume: a run folder's checkpoint (or its path) of this script."""
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    try:  # weights_only: tensors, numbers, strings, containers; a pickle that runs code is refused
+    try:  # weights_only: a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"--resume {path}: not a checkpoint this project can load ({type(e).__name__})")
+        common.die(f"--resume {path}: cannot load it ({type(e).__name__})")
     common.need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
                 f"--resume {path}: not a checkpoint of {SCRIPT}")
     return {**ckpt, "folder": os.path.dirname(os.path.abspath(path))}
 
 
 def make_run_folder(args):
-    """runs/<script>__<dataset>[__k<K>][__beta<β>][__tcvae]__s<seed>__<time>/ with config.json."""
-    tags = [f"{flag}{vars(args)[flag]:g}" for flag in ("k", "beta") if flag in vars(args)]
-    tags += [flag.replace("_", "-") for flag in ("tcvae", "first_order") if vars(args).get(flag)]
-    tags += [f"s{args.seed}", f"{datetime.now():%Y%m%d-%H%M%S-%f}"]  # μs: no two runs collide
+    """runs/<script>__<dataset>[__k<K>][__beta<β>][__tcvae]__s<seed>__<time>/"""
+    tags = [f"{f}{vars(args)[f]:g}" for f in ("k", "beta") if f in vars(args)]
+    tags += [f.replace("_", "-") for f in ("tcvae", "first_order") if vars(args).get(f)]
+    tags += [f"s{args.seed}", f"{datetime.now():%Y%m%d-%H%M%S-%f}"]  # μs: unique
     folder = os.path.join(args.out, "__".join([SCRIPT[:-3], args.dataset, *tags]))
     os.makedirs(folder)
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -508,25 +441,25 @@ def make_run_folder(args):
 
 
 def save_checkpoint(folder, args, step, seconds, nets, opts, data_rng):
-    """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (temp file, rename)."""
+    """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (rename)."""
     ckpt = {"script": SCRIPT, "args": vars(args), "step": step, "seconds": seconds,
-            "models": {name: net.state_dict() for name, net in nets.items()},
-            "optims": {name: opt.state_dict() for name, opt in opts.items()},
+            "models": {k: net.state_dict() for k, net in nets.items()},
+            "optims": {k: opt.state_dict() for k, opt in opts.items()},
             "rng": [torch.get_rng_state(), data_rng, torch.cuda.get_rng_state_all()]}
     torch.save(ckpt, os.path.join(folder, "checkpoint.tmp"))
     os.replace(os.path.join(folder, "checkpoint.tmp"), os.path.join(folder, "checkpoint.pt"))
 
 
 def train(args, ckpt=None):
-    """One run: seed, data, networks, run folder; then train_step epoch after epoch and, at each
-    epoch's end, a metrics.csv row, the checkpoint and the figures. Returns the run folder."""
+    """One run: train_step epoch after epoch; at each epoch's end a metrics.csv
+    row, the checkpoint and the figures. Returns the run folder."""
     # TRY NOT TO MODIFY: seeding
-    torch.manual_seed(args.seed)  # the weights and the training noise
-    data_gen = torch.Generator().manual_seed(args.seed)  # the order of the training data
+    torch.manual_seed(args.seed)  # weights and training noise
+    data_gen = torch.Generator().manual_seed(args.seed)  # data order
     data, ctx = setup(args)
     nets, opts = build(args, data.shape)
     per_epoch = min(data.steps_per_epoch(args.batch_size), args.epoch_steps or math.inf)
-    common.need(per_epoch > 0, f"--batch-size {args.batch_size} is larger than the training set")
+    common.need(per_epoch > 0, "--batch-size is larger than the data")
     total = min(args.epochs * per_epoch, args.steps or math.inf)
     if ckpt:  # continue that run: its folder, step and states
         folder, step, seconds = ckpt["folder"], ckpt["step"], ckpt["seconds"]
@@ -537,37 +470,38 @@ def train(args, ckpt=None):
         torch.set_rng_state(ckpt["rng"][0])
         data_gen.set_state(ckpt["rng"][1])
         torch.cuda.set_rng_state_all(ckpt["rng"][2])
-        common.truncate_metrics(os.path.join(folder, "metrics.csv"), step)  # rows after it go
+        common.truncate_metrics(os.path.join(folder, "metrics.csv"), step)  # rows after it
     else:
         folder, step, seconds = make_run_folder(args), 0, 0.0
     print(f"run folder {folder} ({'resumed' if ckpt else 'new run'} at step {step})", flush=True)
     t_start = time.time()
-    bad = torch.full((len(LOSSES),), -1, device=args.device)  # each loss's first non-finite step
+    bad = torch.full((len(LOSSES),), -1, device=args.device)  # first non-finite steps
     while step < total:
         epoch = step // per_epoch  # 0-based
-        epoch_rng = data_gen.get_state()  # this epoch's order is drawn from it
+        epoch_rng = data_gen.get_state()  # draws this epoch's order
         begin, end = epoch * per_epoch, min((epoch + 1) * per_epoch, total)
         epoch_start, epoch_sums, t_epoch = step, 0, time.time()
-        batches = data.epoch(args.batch_size, data_gen)  # a resumed run skips its first batches
+        # a resumed run skips the batches it has seen
+        batches = data.epoch(args.batch_size, data_gen)
         for x, _ in itertools.islice(batches, step - begin, end - begin):
             losses = train_step(nets, opts, x, args)
             step += 1
-            epoch_sums = epoch_sums + losses  # on the device: no host sync per step
-            bad = torch.where((bad < 0) & ~torch.isfinite(losses), step, bad)
+            epoch_sums = epoch_sums + losses  # no host sync per step
+            bad = torch.where((bad < 0) & ~losses.isfinite(), step, bad)
             if step % args.log_every == 0 or step == end:
                 for name, at in zip(LOSSES, bad.tolist()):
-                    common.need(at < 0, f"{name} became NaN or infinite at step {at}; lower the lr")
-                rate = (step - epoch_start) / (time.time() - t_epoch)  # the epoch's so far
+                    common.need(at < 0, f"{name} is NaN or inf at step {at}; lower the lr")
+                rate = (step - epoch_start) / (time.time() - t_epoch)
                 means = (epoch_sums / (step - epoch_start)).tolist()
                 shown = "  ".join(f"{n} {v:.3f}" for n, v in zip(LOSSES, means))
                 print(f"epoch {epoch + 1}/{args.epochs}  step {step}/{total}  {shown}  |  "
                       f"{rate:.1f} steps/s  ETA {(total - step) / rate / 60:.1f} min", flush=True)
-        # the epoch's end (or --steps): a metrics.csv row, the checkpoint, the figures
+        # the epoch's end: a metrics.csv row, the checkpoint, the figures
         row = {"epoch": round(step / per_epoch, 3),
                "step": step,
-               "steps_per_s": rate,  # training alone, before evaluate
-               "seconds": round(seconds + time.time() - t_start, 1),  # over resumes too
-               **dict(zip(LOSSES, (epoch_sums / (step - epoch_start)).tolist())),
+               "steps_per_s": rate,  # training alone
+               "seconds": round(seconds + time.time() - t_start, 1),
+               **dict(zip(LOSSES, means)),
                **evaluate(nets, ctx, args)}
         common.append_metrics(os.path.join(folder, "metrics.csv"), row)
         data_rng = epoch_rng if step % per_epoch else data_gen.get_state()  # mid-epoch: replay
@@ -577,7 +511,7 @@ def train(args, ckpt=None):
 
 
 def main(argv=None):
-    """One run; with several --k or --beta values a sweep, one run per value (evaluation.py)."""
+    """One run; several --k or --beta values: a sweep (evaluation.py)."""
     args, ckpt = parse_args(argv)
     return train(args, ckpt) if ckpt else evaluation.sweep(train, args, SCRIPT, argv)
 # ==================================== (end of the plumbing) ====================================

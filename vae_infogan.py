@@ -28,19 +28,18 @@ LOSSES = ("loss_d", "loss_g", "recon", "kl", "li", "bce_real", "bce_fake", "d_on
 DEFAULTS = {"sprites": dict(
     epochs=26, epoch_steps=0,  # as beta_vae.py: 26 passes of 11,520 steps
     batch_size=64,
-    lr=2e-4,  # DCGAN's Adam learning rate (β1 = 0.5), everywhere
-    width=1.0,  # × 32 channels first: small enough for a CPU
-    latents=10, n_info=5,  # Higgins et al.'s 10 latents for dSprites; the first 5 get L_I
+    lr=2e-4,  # DCGAN's Adam learning rate (β1 = 0.5), also the unroll's
+    width=1.0,  # × 32 channels in the first conv
+    latents=10, n_info=5,  # Higgins et al.'s 10 for dSprites; the first 5 get L_I
     k=[5],  # a middle K of the report's sweep
-    beta=[1.0],  # Larsen et al.'s prior term (the report's β weighs it)
-    gamma=1e-2,  # as vae_gan.py: reconstruction weighed against the GAN term (Larsen et al.)
-    equilibrium=0.68, margin=0.35,  # Larsen et al.'s gate (aegan.py); --margin inf: no gate
-    lambda_info=1.0,  # InfoGAN's λ (the paper's 1, as infogan.py's; it suggests less for c)
-    mig_samples=10000)}  # MIG on 10,000 fixed images, as disentanglement_lib measures it
+    beta=[1.0],  # Larsen et al.'s prior term; the report's β weighs it
+    gamma=1e-2, equilibrium=0.68, margin=0.35,  # as vae_gan.py
+    lambda_info=1.0,  # InfoGAN's λ, as infogan.py's
+    mig_samples=10000)}  # MIG on 10,000 fixed images, as disentanglement_lib
 DEFAULTS["squares"] = {
     **DEFAULTS["sprites"],
     "epochs": 6, "k": [0],  # the lab: 6 epochs of 480 steps, 2,880 as beta_vae.py
-    "width": 0.25, "n_info": 3,  # 8 channels first for a CPU; one information latent each
+    "width": 0.25, "n_info": 3,  # 8 channels first, for a CPU; one latent per factor
     "mig_samples": 6144}  # every one of the 6,144 squares
 DEFAULTS["celeba"] = {**DEFAULTS["sprites"], "epochs": 10, "latents": 32}  # faces vary more
 
@@ -50,31 +49,29 @@ RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "o
 
 
 def parse_args(argv=None):
-    """Defaults: DEFAULTS[--dataset], or on --resume the run's own flags (only RUN_FLAGS may
-    change). Returns the flags and the checkpoint (or None). Errors: one line, before any data."""
+    """Defaults: DEFAULTS[--dataset], or the flags of the run --resume continues
+    (only RUN_FLAGS may change). Returns the flags and the checkpoint (or None)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = common.die  # argparse's errors: one line, exit status 1
     gpu = torch.cuda.is_available()
     p.add_argument("--dataset", choices=list(DEFAULTS), default=list(DEFAULTS)[0], help="data")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="where to train",
+    p.add_argument("--device", choices=["cpu", "cuda"], help="device",
                    default="cuda" if gpu else "cpu")
-    p.add_argument("--data-root", default="./data", help="holds MNIST/raw or img_align_celeba")
-    p.add_argument("--out", default="runs", help="the folder that run folders go in")
-    p.add_argument("--resume", help="a run folder to continue, with its own flags")
-    p.add_argument("--seed", type=between(0, 2 ** 31, int), default=1, help="weights, noise, order")
-    p.add_argument("--epochs", type=between(1, 10 ** 6, int), help="training epochs")
-    p.add_argument("--epoch-steps", type=between(0, 10 ** 9, int), help="0: a pass over the data")
-    p.add_argument("--steps", type=between(1, 10 ** 12, int), help="stop after this many in all")
-    p.add_argument("--batch-size", type=between(2, 4096, int), help="samples per step")
-    p.add_argument("--log-every", type=between(1, 10 ** 9, int), default=100, help="steps a line")
+    p.add_argument("--data-root", default="./data", help="MNIST/raw or CelebA's")
+    p.add_argument("--out", default="runs", help="where run folders go")
+    p.add_argument("--resume", help="a run folder to continue")
+    p.add_argument("--seed", type=between(0, 2 ** 31, int), default=1, help="seed")
+    p.add_argument("--epochs", type=between(1, 10 ** 6, int), help="epochs")
+    p.add_argument("--epoch-steps", type=between(0, 10 ** 9, int), help="0: a pass")
+    p.add_argument("--steps", type=between(1, 10 ** 12, int), help="steps in all")
+    p.add_argument("--batch-size", type=between(2, 4096, int), help="images a step")
+    p.add_argument("--log-every", type=between(1, 10 ** 9, int), default=100, help="steps")
     # ---- this script's own ----
     p.add_argument("--latents", type=between(2, 1000, int), help="information + incompressible")
     p.add_argument("--n-info", type=between(1, 999, int), help="information latents c, the first")
-    p.add_argument("--k", type=between(0, 100, int), nargs="+",
-                   help="unrolling steps of D; 0: the plain GAN loss; several values: a sweep")
-    p.add_argument("--beta", type=between(0, 1e6), nargs="+",
-                   help="weight β of the KL in the encoder's loss; several values: a sweep")
+    p.add_argument("--k", type=between(0, 100, int), nargs="+", help="unrolling steps; 0: none")
+    p.add_argument("--beta", type=between(0, 1e6), nargs="+", help="weight β of the KL")
     p.add_argument("--gamma", type=between(0, 1e6), help="weight γ of recon in the decoder's")
     p.add_argument("--equilibrium", type=between(0, 100), help="the gate's target BCE of D")
     p.add_argument("--margin", type=between(0, math.inf), help="around it; inf: no gate")
@@ -82,16 +79,16 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=between(1e-9, 1), help="Adam learning rate, also the unroll's")
     p.add_argument("--width", type=between(1 / 32, 32), help="× 32 channels of the first conv")
     p.add_argument("--mig-samples", type=between(8, 10 ** 5, int), help="fixed images for MIG")
-    known = p.parse_known_args(argv)[0]  # --dataset and --resume choose the defaults
+    known = p.parse_known_args(argv)[0]  # --dataset and --resume set the defaults
     ckpt = read_checkpoint(known.resume) if known.resume else None
     p.set_defaults(**(ckpt["args"] if ckpt else DEFAULTS[known.dataset]))
     p.add_argument("-h", "--help", action="help", help="show this help and exit")
     args = p.parse_args(argv)
-    common.need(args.device == "cpu" or gpu, "--device cuda: no GPU here; use --device cpu")
-    common.need(not os.path.isfile(args.out), f"--out {args.out} is a file; give a folder")
+    common.need(args.device == "cpu" or gpu, "--device cuda: no GPU here; use cpu")
+    common.need(not os.path.isfile(args.out), f"--out {args.out} is a file")
     for flag, value in (ckpt["args"] if ckpt else {}).items():
         common.need(flag in RUN_FLAGS or vars(args)[flag] == value,
-                    f"--resume keeps the run's --{flag.replace('_', '-')} {value}; leave it out")
+                    f"--resume keeps the run's {flag} = {value}; leave it out")
     return args, ckpt
 
 
@@ -120,7 +117,7 @@ def dcgan_encoder(channels, latents, w):
 
 
 def dcgan_decoder(channels, latents, w):
-    """The encoder mirrored: z (B, latents) -> image (B, C, 64, 64) in [0, 1]."""
+    """The encoder mirrored: z (B, latents) -> pixel logits (B, C, 64, 64)."""
     return nn.Sequential(
         nn.Linear(latents, 256), nn.LeakyReLU(0.2),
         nn.Linear(256, 2 * w * 4 * 4), nn.LeakyReLU(0.2),
@@ -128,8 +125,7 @@ def dcgan_decoder(channels, latents, w):
         *up(2 * w, 2 * w),  # (B, 2w, 8, 8)
         *up(2 * w, w),  # (B, w, 16, 16)
         *up(w, w),  # (B, w, 32, 32)
-        nn.ConvTranspose2d(w, channels, 4, 2, 1),  # (B, C, 64, 64)
-        nn.Sigmoid())
+        nn.ConvTranspose2d(w, channels, 4, 2, 1))  # (B, C, 64, 64): logits
 
 
 class DCGANDiscriminator(nn.Module):
@@ -161,13 +157,14 @@ def d_loss(real_logit, fake_logit):
 
 
 def equilibrium_gate(bce_real, bce_fake, equilibrium, margin):
-    """Larsen et al.'s gate (aegan.py) as 0/1 tensors (no host sync): the decoder's GAN term
-    pauses while D loses badly (a BCE above equilibrium + margin), D while it wins. Deviation: D
-    wins when BOTH its BCEs are below equilibrium − margin (aegan.py: either one), else a D that
-    calls everything real (real BCE 0.1, fake 0.9) is never trained again; so both never pause."""
-    d_on = (bce_real >= equilibrium - margin) | (bce_fake >= equilibrium - margin)
-    g_on = (bce_real <= equilibrium + margin) & (bce_fake <= equilibrium + margin)
-    return d_on.float(), g_on.float()
+    """Larsen et al.'s gate (aegan.py, GradientDescent.train_epoch) on D's mean BCEs (floats): D
+    pauses while it wins (a BCE below equilibrium − margin), the decoder while D loses badly (a
+    BCE above equilibrium + margin); where both would pause, both train. Returns (d_on, g_on)."""
+    d_on = bce_real >= equilibrium - margin and bce_fake >= equilibrium - margin
+    g_on = bce_real <= equilibrium + margin and bce_fake <= equilibrium + margin
+    if not (d_on or g_on):
+        return True, True
+    return d_on, g_on
 
 
 # ---- The unrolled look-ahead (eqs. 8-11) -------------------------------------------------------
@@ -263,63 +260,67 @@ def forward_with_copied_buffers(D, x):
 
 # ---- ALGO LOGIC: one training step -------------------------------------------------------------
 def train_step(nets, opts, x, args):
-    """One step on a batch x (B, C, H, W) in [0, 1]. Returns detached LOSSES; no host sync."""
+    """One step on a batch x (B, C, H, W) in [0, 1]. Returns detached LOSSES; reads the gate's
+    two BCEs on the host (one sync a step)."""
     enc, dec, D = nets["enc"], nets["dec"], nets["D"]
     batch = x.shape[0]
     mu, logvar = enc(x).chunk(2, dim=1)
     z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # z ~ q(z|x), reparameterised
     z_p = torch.randn_like(mu)  # z_p ~ N(0, I)
-    fakes = dec(torch.cat([z, z_p]))  # (2B, C, H, W): x̃ = Dec(z), then x_p = Dec(z_p)
-    x_rec = fakes[:batch]
+    logits = dec(torch.cat([z, z_p]))  # (2B, C, H, W): x̃ = Dec(z), then x_p = Dec(z_p)
+    fakes = torch.sigmoid(logits)
 
-    # ---- (1) discriminator step: loss_d = −[log D(x) + log(1 − D(fake))], fakes x̃ and x_p; the
-    # gate pauses it while D wins (a zeroed gradient: Adam then coasts on its momentum, β1 = 0.5)
+    # ---- (1) discriminator step, eq. (1) on x and the fakes x̃, x_p: real and fake in separate
+    # BatchNorm batches, as the unroll takes them; skipped while the gate pauses D ----
     real_logit = D(x)[0]
     fake_logit = D(fakes.detach())[0]
+    # per-image mean BCEs over the B real and 2B fake images; loss_d = bce_real + bce_fake
     bce_real = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
     bce_fake = F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
-    loss_d = bce_real + bce_fake  # d_loss(real_logit, fake_logit)
-    d_on, g_on = equilibrium_gate(bce_real.detach(), bce_fake.detach(), args.equilibrium,
+    loss_d = bce_real + bce_fake
+    d_on, g_on = equilibrium_gate(bce_real.item(), bce_fake.item(), args.equilibrium,
                                   args.margin)
-    opts["d"].zero_grad(set_to_none=True)
-    (d_on * loss_d).backward(inputs=opts["d"].param_groups[0]["params"])
-    opts["d"].step()
+    if d_on:
+        opts["d"].zero_grad(set_to_none=True)
+        loss_d.backward(inputs=opts["d"].param_groups[0]["params"])
+        opts["d"].step()
 
-    # ---- (2) unrolled look-ahead, eqs. (8)-(10): f_K, the GAN loss of the fakes against a copy
-    # of D after K more differentiable Adam updates; deviation: non-saturating, as vae_gan.py ----
+    # ---- (2) unrolled look-ahead, eqs. (8)-(10): f_K, the fakes' non-saturating GAN loss against
+    # D after K more differentiable Adam updates (also while D is paused: f_K is G's objective) ----
     loss_g = unrolled_g_loss(D, opts["d"], x, fakes, args.k, args.lr)
 
-    # ---- (3) reconstruction and information terms on the live (not unrolled) D and Q, with copies
-    # of D's BatchNorm buffers; deviation: one BatchNorm batch mixes x, x̃ and x_p ----
+    # ---- (3) reconstruction and information terms on the live (not unrolled) D and Q: x, x̃
+    # and x_p in one batch, on copies of D's BatchNorm buffers ----
     _, feats, q = forward_with_copied_buffers(D, torch.cat([x, fakes]))
     real_feats, rec_feats, _ = feats.split(batch)
     q_fakes = q[batch:]  # Q's means of c for x̃ and x_p, (2B, n_info)
-    # Larsen et al.'s L_llike^Dis_l = −log N(Dis_l(x) | Dis_l(x̃), I), plus (deviation) a pixel-wise
-    # Bernoulli −log p(x|x̃) (with Dis_l alone our CPU-scale runs decoded noise); each summed over
-    # features or pixels, a mean over the batch
+    # L_llike^Dis_l = −log N(Dis_l(x) | Dis_l(x̃), I), plus (deviation) the pixels' Bernoulli
+    # −log p(x|x̃): with Dis_l alone our CPU-scale runs decoded noise. Sums, batch means
     llike = 0.5 * (rec_feats - real_feats.detach()).pow(2).sum() / batch
-    pixels = F.binary_cross_entropy(x_rec.clamp(1e-6, 1 - 1e-6), x, reduction="sum") / batch
+    pixels = F.binary_cross_entropy_with_logits(logits[:batch], x, reduction="sum") / batch
     recon = llike + pixels
     # L_prior = KL(q(z|x) ‖ N(0, I)), summed over the latents, a mean over the batch
     kl = evaluation.kl_per_latent(mu, logvar).sum()
-    # li = −L_I + const, eqs. (12)-(13): −log Q(c | Dec(z)), c the first n_info latents of z and
-    # z_p, σ fixed at 1: ½ Σ_c (μ_Q − c)², a mean over the 2B fakes. c is DETACHED: the encoder
-    # gets li only through the decoded image (attached, li could fall as the codes' σ shrinks)
+    # li = −L_I + const, eqs. (12)-(13): −log Q(c | Dec(z)) with σ = 1, c the first n_info latents
+    # of z and z_p: ½ Σ_c (μ_Q − c)², a mean over the 2B fakes. c is detached: the encoder gets li
+    # only through the image (else li could fall as the codes' σ shrinks)
     codes = torch.cat([z, z_p])[:, :args.n_info].detach()
     li = 0.5 * (q_fakes - codes).pow(2).sum(1).mean()
 
-    # ---- (4) encoder step: β·L_prior + recon + λ·li; decoder (generator) and Q head step:
-    # γ·recon + f_K (while the gate lets it) + λ·li, whose backprop through f_K gives eq. (11),
-    # both terms. D's body, Q's body too, is trained by D's step only ----
+    # ---- (4) encoder step: β·L_prior + recon + λ·li; decoder and Q head step: γ·recon + f_K +
+    # λ·li (through f_K: eq. (11), both terms), skipped whole while the gate pauses it. Q's
+    # body is D's, trained by D's step only ----
     opts["enc"].zero_grad(set_to_none=True)
     opts["dec"].zero_grad(set_to_none=True)
     enc_loss = args.beta * kl + recon + args.lambda_info * li
     enc_loss.backward(inputs=list(enc.parameters()), retain_graph=True)
-    dec_loss = args.gamma * recon + g_on * loss_g + args.lambda_info * li
+    dec_loss = args.gamma * recon + loss_g + args.lambda_info * li
     dec_loss.backward(inputs=opts["dec"].param_groups[0]["params"])
     opts["enc"].step()
-    opts["dec"].step()
-    return torch.stack([loss_d, loss_g, recon, kl, li, bce_real, bce_fake, d_on, g_on]).detach()
+    if g_on:
+        opts["dec"].step()
+    stats = [loss_d, loss_g, recon, kl, li, bce_real, bce_fake]
+    return torch.stack([*stats, x.new_tensor(d_on), x.new_tensor(g_on)]).detach()
 
 
 # ---- Setup, evaluation, figures ----------------------------------------------------------------
@@ -334,7 +335,7 @@ def build(args, shape):
     groups = {"enc": [*enc.parameters()],
               "dec": [*dec.parameters(), *D.q_head.parameters()],
               "d": [*D.body.parameters(), *D.d_head.parameters()]}
-    opts = {k: torch.optim.Adam(ps, lr=args.lr, betas=(0.5, 0.999)) for k, ps in groups.items()}
+    opts = {k: torch.optim.Adam(ps, args.lr, betas=(0.5, 0.999)) for k, ps in groups.items()}
     return {"enc": enc, "dec": dec, "D": D}, opts
 
 
@@ -349,11 +350,11 @@ def setup(args):
 
 @torch.no_grad()
 def decode(dec, z):
-    """Images (B, C, H, W) in [0, 1] of latents z, on the CPU (the decoder in eval mode)."""
-    dec.eval()
-    images = dec(z).cpu()
-    dec.train()
-    return images
+    """Images (B, C, H, W) in [0, 1] of latents z, on the CPU. BatchNorm normalises with the
+    batch's own statistics, as in training, on copies of its buffers (the running statistics mix
+    posterior and prior codes): give it posterior codes, or prepend them."""
+    buffers = {name: b.clone() for name, b in dec.named_buffers()}
+    return torch.sigmoid(functional_call(dec, buffers, (z,))).cpu()
 
 
 @torch.no_grad()
@@ -372,30 +373,31 @@ def evaluate(nets, ctx, args):
 
 @torch.no_grad()
 def save_figures(nets, ctx, args, folder, row):
-    """Figs. 14 and 15, mi_matrix.png (known factors), reconstructions, samples and losses."""
-    enc, dec = nets["enc"], nets["dec"]
+    """Figs. 14 and 15, mi_matrix.png (known factors), reconstructions, samples and losses. All
+    decoded in one batch after the posterior means of 1,000 evaluation images, as evaluate does."""
     step = row["step"]
     n = args.n_info
-    enc.eval()  # BatchNorm's running statistics
-    dec.eval()
-    x = ctx["x"][:max(8, n)].float()
-    mu = enc(x).chunk(2, dim=1)[0]
-    title = (f"VAE-InfoGAN reconstructions (posterior mean), step {step}\n"
-             f"pixel MSE {row['mse']:.4f}, grey pixels {row['grey_pct']:.1f}% (evaluation images)")
-    common.save_grid(torch.cat([x[:8], dec(mu[:8])]), os.path.join(folder, "reconstructions.png"),
-                     nrow=8, row_labels=["real", "recon"], title=title)
-    common.save_grid(dec(ctx["z"]), os.path.join(folder, "samples.png"), nrow=8,
-                     title=f"VAE-InfoGAN prior samples, step {step}")
+    mu = evaluation.encode_posterior(nets["enc"], ctx["x"][:1000])[0].to(args.device)
     # Fig. 14: row j: image j encoded (first column), then information latent j moved ±3 around μ_j
     values = torch.linspace(-3, 3, 9)
     offsets = torch.eye(args.latents)[:n, None] * values[:, None]  # (n, 9, L)
-    moved = dec((mu[:n, None] + offsets.to(mu.device)).flatten(0, 1)).unflatten(0, (n, 9))
+    moved = (mu[:n, None] + offsets.to(mu.device)).flatten(0, 1)
+    images = decode(nets["dec"], torch.cat([mu, moved, ctx["z"]]))
+    rec, moved, samples = images.split([len(mu), len(moved), len(ctx["z"])])
+    x = ctx["x"][:max(8, n)].float().cpu()
+    title = (f"VAE-InfoGAN reconstructions (posterior mean), step {step}\n"
+             f"pixel MSE {row['mse']:.4f}, grey pixels {row['grey_pct']:.1f}% (evaluation images)")
+    common.save_grid(torch.cat([x[:8], rec[:8]]), os.path.join(folder, "reconstructions.png"),
+                     nrow=8, row_labels=["real", "recon"], title=title)
+    common.save_grid(samples, os.path.join(folder, "samples.png"), nrow=8,
+                     title=f"VAE-InfoGAN prior samples, step {step}")
     labels = [f"c{j} = z{j} {common.carried(row, j)}" for j in range(n)]
+    moved = moved.unflatten(0, (n, 9))  # (n, 9, C, H, W)
     common.save_traversal(moved, os.path.join(folder, "fig14_traversals.png"), values, labels,
-                          f"VAE-InfoGAN: information latents, their factors, step {step}",
-                          inputs=x[:n])
-    enc.train()
-    dec.train()
+                          f"VAE-InfoGAN: information latents, step {step}", inputs=x[:n])
+    frames = moved.transpose(0, 1)[:, :, None]  # (9, n, 1, C, H, W): one row per latent
+    common.save_traversal_gif(frames, os.path.join(folder, "traversal.gif"), values, labels,
+                              "VAE-InfoGAN")
     metrics = os.path.join(folder, "metrics.csv")
     common.plot_metrics(metrics, ["kl_info", "kl_rest"],
                         os.path.join(folder, "fig15_kl_per_latent.png"), x="step",
@@ -410,10 +412,10 @@ def save_figures(nets, ctx, args, folder, row):
 
 
 # ================================================================================================
-# PLUMBING: the same text in every script (a test checks it); a reader beside the report may skip
-# it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
+# PLUMBING: the same text in every script (a test checks it); a reader beside the report may
+# skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
 def between(lo, hi, kind=float):
-    """An argparse type: a `kind` in [lo, hi]; argparse turns the error into one line."""
+    """An argparse type: a `kind` in [lo, hi]."""
     def number(text):
         if not lo <= kind(text) <= hi:
             raise argparse.ArgumentTypeError(f"{text} is not in [{lo:g}, {hi:g}]")
@@ -422,22 +424,22 @@ def between(lo, hi, kind=float):
 
 
 def read_checkpoint(path):
-    """--resume: a run folder's checkpoint of this script, loaded without running code in it."""
+    """--resume: a run folder's checkpoint (or its path) of this script."""
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    try:  # weights_only: tensors, numbers, strings, containers; a pickle that runs code is refused
+    try:  # weights_only: a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"--resume {path}: not a checkpoint this project can load ({type(e).__name__})")
+        common.die(f"--resume {path}: cannot load it ({type(e).__name__})")
     common.need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
                 f"--resume {path}: not a checkpoint of {SCRIPT}")
     return {**ckpt, "folder": os.path.dirname(os.path.abspath(path))}
 
 
 def make_run_folder(args):
-    """runs/<script>__<dataset>[__k<K>][__beta<β>][__tcvae]__s<seed>__<time>/ with config.json."""
-    tags = [f"{flag}{vars(args)[flag]:g}" for flag in ("k", "beta") if flag in vars(args)]
-    tags += [flag.replace("_", "-") for flag in ("tcvae", "first_order") if vars(args).get(flag)]
-    tags += [f"s{args.seed}", f"{datetime.now():%Y%m%d-%H%M%S-%f}"]  # μs: no two runs collide
+    """runs/<script>__<dataset>[__k<K>][__beta<β>][__tcvae]__s<seed>__<time>/"""
+    tags = [f"{f}{vars(args)[f]:g}" for f in ("k", "beta") if f in vars(args)]
+    tags += [f.replace("_", "-") for f in ("tcvae", "first_order") if vars(args).get(f)]
+    tags += [f"s{args.seed}", f"{datetime.now():%Y%m%d-%H%M%S-%f}"]  # μs: unique
     folder = os.path.join(args.out, "__".join([SCRIPT[:-3], args.dataset, *tags]))
     os.makedirs(folder)
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -446,25 +448,25 @@ def make_run_folder(args):
 
 
 def save_checkpoint(folder, args, step, seconds, nets, opts, data_rng):
-    """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (temp file, rename)."""
+    """checkpoint.pt: networks, optimizers, flags, step, RNG states; atomic (rename)."""
     ckpt = {"script": SCRIPT, "args": vars(args), "step": step, "seconds": seconds,
-            "models": {name: net.state_dict() for name, net in nets.items()},
-            "optims": {name: opt.state_dict() for name, opt in opts.items()},
+            "models": {k: net.state_dict() for k, net in nets.items()},
+            "optims": {k: opt.state_dict() for k, opt in opts.items()},
             "rng": [torch.get_rng_state(), data_rng, torch.cuda.get_rng_state_all()]}
     torch.save(ckpt, os.path.join(folder, "checkpoint.tmp"))
     os.replace(os.path.join(folder, "checkpoint.tmp"), os.path.join(folder, "checkpoint.pt"))
 
 
 def train(args, ckpt=None):
-    """One run: seed, data, networks, run folder; then train_step epoch after epoch and, at each
-    epoch's end, a metrics.csv row, the checkpoint and the figures. Returns the run folder."""
+    """One run: train_step epoch after epoch; at each epoch's end a metrics.csv
+    row, the checkpoint and the figures. Returns the run folder."""
     # TRY NOT TO MODIFY: seeding
-    torch.manual_seed(args.seed)  # the weights and the training noise
-    data_gen = torch.Generator().manual_seed(args.seed)  # the order of the training data
+    torch.manual_seed(args.seed)  # weights and training noise
+    data_gen = torch.Generator().manual_seed(args.seed)  # data order
     data, ctx = setup(args)
     nets, opts = build(args, data.shape)
     per_epoch = min(data.steps_per_epoch(args.batch_size), args.epoch_steps or math.inf)
-    common.need(per_epoch > 0, f"--batch-size {args.batch_size} is larger than the training set")
+    common.need(per_epoch > 0, "--batch-size is larger than the data")
     total = min(args.epochs * per_epoch, args.steps or math.inf)
     if ckpt:  # continue that run: its folder, step and states
         folder, step, seconds = ckpt["folder"], ckpt["step"], ckpt["seconds"]
@@ -475,37 +477,38 @@ def train(args, ckpt=None):
         torch.set_rng_state(ckpt["rng"][0])
         data_gen.set_state(ckpt["rng"][1])
         torch.cuda.set_rng_state_all(ckpt["rng"][2])
-        common.truncate_metrics(os.path.join(folder, "metrics.csv"), step)  # rows after it go
+        common.truncate_metrics(os.path.join(folder, "metrics.csv"), step)  # rows after it
     else:
         folder, step, seconds = make_run_folder(args), 0, 0.0
     print(f"run folder {folder} ({'resumed' if ckpt else 'new run'} at step {step})", flush=True)
     t_start = time.time()
-    bad = torch.full((len(LOSSES),), -1, device=args.device)  # each loss's first non-finite step
+    bad = torch.full((len(LOSSES),), -1, device=args.device)  # first non-finite steps
     while step < total:
         epoch = step // per_epoch  # 0-based
-        epoch_rng = data_gen.get_state()  # this epoch's order is drawn from it
+        epoch_rng = data_gen.get_state()  # draws this epoch's order
         begin, end = epoch * per_epoch, min((epoch + 1) * per_epoch, total)
         epoch_start, epoch_sums, t_epoch = step, 0, time.time()
-        batches = data.epoch(args.batch_size, data_gen)  # a resumed run skips its first batches
+        # a resumed run skips the batches it has seen
+        batches = data.epoch(args.batch_size, data_gen)
         for x, _ in itertools.islice(batches, step - begin, end - begin):
             losses = train_step(nets, opts, x, args)
             step += 1
-            epoch_sums = epoch_sums + losses  # on the device: no host sync per step
-            bad = torch.where((bad < 0) & ~torch.isfinite(losses), step, bad)
+            epoch_sums = epoch_sums + losses  # no host sync per step
+            bad = torch.where((bad < 0) & ~losses.isfinite(), step, bad)
             if step % args.log_every == 0 or step == end:
                 for name, at in zip(LOSSES, bad.tolist()):
-                    common.need(at < 0, f"{name} became NaN or infinite at step {at}; lower the lr")
-                rate = (step - epoch_start) / (time.time() - t_epoch)  # the epoch's so far
+                    common.need(at < 0, f"{name} is NaN or inf at step {at}; lower the lr")
+                rate = (step - epoch_start) / (time.time() - t_epoch)
                 means = (epoch_sums / (step - epoch_start)).tolist()
                 shown = "  ".join(f"{n} {v:.3f}" for n, v in zip(LOSSES, means))
                 print(f"epoch {epoch + 1}/{args.epochs}  step {step}/{total}  {shown}  |  "
                       f"{rate:.1f} steps/s  ETA {(total - step) / rate / 60:.1f} min", flush=True)
-        # the epoch's end (or --steps): a metrics.csv row, the checkpoint, the figures
+        # the epoch's end: a metrics.csv row, the checkpoint, the figures
         row = {"epoch": round(step / per_epoch, 3),
                "step": step,
-               "steps_per_s": rate,  # training alone, before evaluate
-               "seconds": round(seconds + time.time() - t_start, 1),  # over resumes too
-               **dict(zip(LOSSES, (epoch_sums / (step - epoch_start)).tolist())),
+               "steps_per_s": rate,  # training alone
+               "seconds": round(seconds + time.time() - t_start, 1),
+               **dict(zip(LOSSES, means)),
                **evaluate(nets, ctx, args)}
         common.append_metrics(os.path.join(folder, "metrics.csv"), row)
         data_rng = epoch_rng if step % per_epoch else data_gen.get_state()  # mid-epoch: replay
@@ -515,7 +518,7 @@ def train(args, ckpt=None):
 
 
 def main(argv=None):
-    """One run; with several --k or --beta values a sweep, one run per value (evaluation.py)."""
+    """One run; several --k or --beta values: a sweep (evaluation.py)."""
     args, ckpt = parse_args(argv)
     return train(args, ckpt) if ckpt else evaluation.sweep(train, args, SCRIPT, argv)
 # ==================================== (end of the plumbing) ====================================
