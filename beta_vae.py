@@ -41,7 +41,7 @@ DEFAULTS["mnist"] = {**DEFAULTS["sprites"], "epochs": 20}  # no paper run to fol
 DEFAULTS["celeba"] = DEFAULTS["mnist"]
 
 
-# ---- Flags: the shared ones (the same in every script), then this script's own -----------------
+# ---- Flags: the shared ones, the same in every script, then the script's own ----
 RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "out")
 
 
@@ -207,45 +207,30 @@ def evaluate(nets, ctx, args):
 
 @torch.no_grad()
 def save_figures(nets, ctx, args, folder, row):
-    """Reconstructions, samples, Figs. 14-15, MI matrix, losses."""
-    def png(name):
-        return os.path.join(folder, name + ".png")
-    dec, step = nets["dec"], row["step"]
+    """Reconstructions, samples, Figs. 14 (and traversal.gif) and 15, MI matrix, losses."""
+    dec = nets["dec"]
     model = f"{'β-TCVAE' if args.tcvae else 'β-VAE'} β = {args.beta:g}"
     mu = evaluation.encode_posterior(nets["enc"], ctx["x"][:8])[0].to(args.device)
     x = ctx["x"][:8].float().cpu()  # (8, C, H, W)
-    title = (f"{model} reconstructions (posterior mean), step {step}\n"
-             f"pixel MSE {row['mse']:.4f}, grey pixels {row['grey_pct']:.1f}% (evaluation images)")
-    common.save_grid(torch.cat([x, decode(dec, mu)]), png("reconstructions"),
-                     nrow=8, row_labels=["real", "recon"], title=title)
-    common.save_grid(decode(dec, ctx["z"]), png("samples"), nrow=8,
-                     title=f"{model} prior samples, step {step}")
-    # Fig. 14: image 0 encoded (first column), then latent j at μ_j ± 3
+    # Fig. 14: image 0 encoded (first column), then latent j at μ_j ± 3, 10 latents by KL
     order = sorted(range(args.latents), key=lambda j: -row[f"kl_z{j}"])[:10]
     values = torch.linspace(-3, 3, 9)
     offsets = torch.eye(args.latents)[order, None] * values[:, None]  # (rows, 9, L)
     moved = decode(dec, (mu[0] + offsets.to(mu.device)).flatten(0, 1))
     moved = moved.unflatten(0, (len(order), 9))  # (rows, 9, C, H, W)
-    labels = [f"z{j} KL {row[f'kl_z{j}']:.2f} {common.carried(row, j)}" for j in order]
-    common.save_traversal(
-        moved, png("fig14_traversals"), values, labels,
-        f"{model}: latents by KL, the factor each carries, step {step}",
-        inputs=x[:1].expand(len(order), *x.shape[1:]))
-    gif = os.path.join(folder, "traversal.gif")  # one row per latent, moving
-    common.save_traversal_gif(moved.transpose(0, 1)[:, :, None], gif, values, labels, model)
+    inputs = x[:1].expand(len(order), *x.shape[1:])
+    common.save_vae_figures(folder, row, model, x, decode(dec, mu), decode(dec, ctx["z"]),
+                            moved, order, values, inputs)
     metrics = os.path.join(folder, "metrics.csv")
-    common.plot_metrics(metrics, [f"kl_z{j}" for j in order], png("fig15_kl_per_latent"),
-                        x="step", ylabel="KL (nats)")
-    common.plot_metrics(metrics, list(LOSSES), png("losses"), x="step", logy=True,
-                        title=f"{model} losses")
-    if ctx["factors"] is not None:
-        common.save_mi_matrix(row, args.latents, png("mi_matrix"),
-                              f"normalised MI of sampled z with each factor, step {step}")
+    common.plot_metrics(metrics, [f"kl_z{j}" for j in order],
+                        os.path.join(folder, "fig15_kl_per_latent.png"), x="step",
+                        ylabel="KL (nats)")
+    common.plot_metrics(metrics, list(LOSSES), os.path.join(folder, "losses.png"), x="step",
+                        logy=True, title=f"{model} losses")
 
 
-# ================================================================================================
-# PLUMBING: the same text in every script (a test checks it); a reader beside the report may
-# skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
+# ==== PLUMBING: the same text in every script (a test checks it); a reader beside the report
+# may skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
 def between(lo, hi, kind=float):
     """An argparse type: a `kind` in [lo, hi]."""
     def number(text):
@@ -261,7 +246,7 @@ def read_checkpoint(path):
     try:  # weights_only: a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"--resume {path}: cannot load it ({type(e).__name__})")
+        common.die(f"--resume {path}: not a checkpoint that loads safely ({type(e).__name__})")
     common.need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
                 f"--resume {path}: not a checkpoint of {SCRIPT}")
     return {**ckpt, "folder": os.path.dirname(os.path.abspath(path))}
@@ -329,7 +314,7 @@ def train(args, ckpt=None):
             bad = torch.where((bad < 0) & ~losses.isfinite(), step, bad)
             if step % args.log_every == 0 or step == end:
                 for name, at in zip(LOSSES, bad.tolist()):
-                    common.need(at < 0, f"{name} is NaN or inf at step {at}; lower the lr")
+                    common.need(at < 0, f"{name} became NaN or inf at step {at}; lower the lr")
                 rate = (step - epoch_start) / (time.time() - t_epoch)
                 means = (epoch_sums / (step - epoch_start)).tolist()
                 shown = "  ".join(f"{n} {v:.3f}" for n, v in zip(LOSSES, means))
@@ -353,7 +338,7 @@ def main(argv=None):
     """One run; several --k or --beta values: a sweep (evaluation.py)."""
     args, ckpt = parse_args(argv)
     return train(args, ckpt) if ckpt else evaluation.sweep(train, args, SCRIPT, argv)
-# ==================================== (end of the plumbing) ====================================
+# ==== end of the plumbing ====
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 DATASETS = ("mnist", "sprites", "squares", "celeba", "ring", "grid")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def die(message):
@@ -50,7 +49,10 @@ class TensorData(Indexed):
     """uint8 images (N, C, H, W) and optional labels (N,) on the device; batches are floats."""
 
     def __init__(self, images, labels=None, name="", signed=False):
-        self.images, self.labels, self.name, self.signed = images, labels, name, signed
+        self.images = images
+        self.labels = labels
+        self.name = name
+        self.signed = signed
         self.device = images.device
 
     def __len__(self):
@@ -94,33 +96,28 @@ def load_mnist(root, device, train=True, signed=False):
     return TensorData(images, ds.targets.long().to(device), "mnist", signed)
 
 
-def find_images(root):
-    """Image files in the CelebA layout (ROOT/img_align_celeba/*.jpg), or in ROOT itself."""
+def load_image_folder(root, device, size=64, limit=None, signed=False):
+    """Images in ROOT/img_align_celeba (CelebA) or in ROOT, centre-cropped (≤ 148 px), to size²."""
     root = os.path.abspath(os.path.expanduser(root))
+    files = []
     for folder in (os.path.join(root, "celeba", "img_align_celeba"),
                    os.path.join(root, "img_align_celeba"), root):
-        if os.path.isdir(folder):
-            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-            if files:
-                return [os.path.join(folder, f) for f in files]
-    die(f"no images (.jpg/.png) found in {root}/img_align_celeba or {root}. "
-        f"CelebA's aligned images (img_align_celeba.zip) are on the dataset's page "
-        f"(mmlab.ie.cuhk.edu.hk/projects/CelebA.html) or Kaggle; unzip it under ROOT and pass "
-        f"--data-root ROOT (any folder of face images works)")
-
-
-def load_image_folder(root, device, size=64, limit=None, signed=False):
-    """A folder's colour images, centre-cropped (≤ 148 px, as for CelebA), resized to size²."""
-    files = find_images(root)[:limit]
+        if os.path.isdir(folder) and not files:  # the first of these with images
+            files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+                     if f.lower().endswith((".jpg", ".jpeg", ".png"))]
+    need(files, f"no images (.jpg/.png) found in {root}/img_align_celeba or {root}. "
+         f"CelebA's aligned images (img_align_celeba.zip) are on the dataset's page "
+         f"(mmlab.ie.cuhk.edu.hk/projects/CelebA.html) or Kaggle; unzip it under ROOT and pass "
+         f"--data-root ROOT (any folder of face images works)")
+    files = files[:limit]
     out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
     for i, path in enumerate(files):
         try:
             with PIL.Image.open(path) as im:
-                rgb = im.convert("RGB")
-                img = torchvision.transforms.functional.pil_to_tensor(rgb)  # (3, H, W) uint8
+                img = torchvision.transforms.functional.pil_to_tensor(im.convert("RGB"))
         except Exception as e:
             die(f"cannot decode image {path} ({type(e).__name__}); remove it or replace it")
-        crop = min(img.shape[1], img.shape[2], 148)
+        crop = min(img.shape[1], img.shape[2], 148)  # img: (3, H, W) uint8
         img = torchvision.transforms.functional.center_crop(img, [crop, crop])
         out[i] = torchvision.transforms.functional.resize(img, [size, size], antialias=True)
     return TensorData(out.to(device), None, "celeba", signed)
@@ -136,7 +133,8 @@ class Sprites(Indexed):
     SIZE = 64
 
     def __init__(self, device, signed=False, squares=False):
-        self.device, self.signed = torch.device(device), signed
+        self.device = torch.device(device)
+        self.signed = signed
         self.name = "squares" if squares else "sprites"
         self.SIZES = (1, 6, 1, 32, 32) if squares else (3, 6, 40, 32, 32)
         self.combinations = math.prod(self.SIZES)
@@ -154,29 +152,28 @@ class Sprites(Indexed):
 
     def factors(self, idx):
         """Factor indices (B, 5) of combination indices (B,) (taken modulo the combinations)."""
-        idx, out = idx % self.combinations, []
-        for size in reversed(self.SIZES):
-            out.append(idx % size)
-            idx = idx // size
-        return torch.stack(out[::-1], dim=1)
+        digits = torch.unravel_index(idx % self.combinations, self.SIZES)  # mixed radix
+        return torch.stack(digits, dim=1)
 
     def render(self, factors):
         """Binary images (B, 1, 64, 64) in {0, 1} for factor indices (B, 5)."""
-        f = factors.to(self.device)
-        scale = 0.5 + 0.1 * f[:, 1].float()  # 0.5, 0.6, ..., 1.0
+        f = factors.to(self.device)[:, :, None, None]  # (B, 5, 1, 1), against pixels (64, 64)
+        r = 0.16 * (0.5 + 0.1 * f[:, 1].float())  # the radius at scale 0.5, 0.6, ..., 1.0
         theta = 2 * math.pi * f[:, 2].float() / self.SIZES[2]
         cx = 0.2 + 0.6 * f[:, 3].float() / (self.SIZES[3] - 1)  # the shape stays in the frame
         cy = 0.2 + 0.6 * f[:, 4].float() / (self.SIZES[4] - 1)
-        r = (0.16 * scale)[:, None, None]
-        dx, dy = self.px - cx[:, None, None], self.py - cy[:, None, None]
-        cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-        u, v = (cos * dx + sin * dy) / r, (-sin * dx + cos * dy) / r  # the frame rotated by theta
+        dx = self.px - cx
+        dy = self.py - cy
+        cos = torch.cos(theta)
+        sin = torch.sin(theta)
+        u = (cos * dx + sin * dy) / r  # the frame rotated by theta
+        v = (-sin * dx + cos * dy) / r
         square = torch.maximum(u.abs(), v.abs()) <= 0.8
         ellipse = u ** 2 + (v / 0.5) ** 2 <= 1
-        # heart curve (a² + b² - 1)³ - a² b³ <= 0, point down the image
-        a, b = 1.1 * u, 0.15 - 1.1 * v
-        heart = (a ** 2 + b ** 2 - 1) ** 3 - a ** 2 * b ** 3 <= 0
-        s = f[:, 0][:, None, None]
+        a = 1.1 * u
+        b = 0.15 - 1.1 * v
+        heart = (a ** 2 + b ** 2 - 1) ** 3 - a ** 2 * b ** 3 <= 0  # point down the image
+        s = f[:, 0]
         img = torch.where(s == 0, square, torch.where(s == 1, ellipse, heart)).float().unsqueeze(1)
         return img.mul_(2).sub_(1) if self.signed else img
 
@@ -205,7 +202,9 @@ class ToyData:
             modes = torch.cartesian_prod(g, g)
         else:
             raise ValueError(name)
-        self.name, self.std, self.steps = name, std, steps
+        self.name = name
+        self.std = std
+        self.steps = steps
         self.modes = modes.to(device)
         self.labels = None
 
@@ -225,9 +224,7 @@ class ToyData:
     def epoch(self, batch_size, generator):
         """An epoch's batches, all drawn at its start (one copy to the device, none per batch)."""
         points, k = self.sample(self.steps * batch_size, generator)
-        for i in range(self.steps):
-            rows = slice(i * batch_size, (i + 1) * batch_size)
-            yield points[rows], k[rows]
+        yield from zip(points.split(batch_size), k.split(batch_size))
 
 
 def fixed_images(data, n, seed):
@@ -257,23 +254,19 @@ def load_data(name, root, device, train=True, signed=False, image_size=64, limit
 def save_grid(images, path, nrow, row_labels=None, col_labels=None, title=None, xlabel=None):
     """Save images (N, C, H, W) in [0, 1] as a grid of nrow columns, optionally labelled."""
     images = images.detach().float().cpu().clamp(0, 1)
-    pad = 2
-    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=pad, pad_value=1.0)
-    rows, (h, w) = math.ceil(images.shape[0] / nrow), images.shape[2:]
+    grid = torchvision.utils.make_grid(images, nrow=nrow, pad_value=1.0)  # RGB, padding 2
+    rows = math.ceil(images.shape[0] / nrow)
+    h, w = images.shape[2:]
     fig, ax = plt.subplots(figsize=(max(3.0, nrow * 0.55 + 1), max(3.0, rows * 0.55 + 1)))
-    cmap = "gray" if images.shape[1] == 1 else None
-    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap=cmap, vmin=0, vmax=1)
-    xs = [pad + j * (w + pad) + w / 2 for j in range(nrow)] if col_labels else []
-    ys = [pad + i * (h + pad) + h / 2 for i in range(rows)] if row_labels else []
+    ax.imshow(grid.permute(1, 2, 0).numpy(), vmin=0, vmax=1)
+    xs = [2 + j * (w + 2) + w / 2 for j in range(nrow)] if col_labels else []
+    ys = [2 + i * (h + 2) + h / 2 for i in range(rows)] if row_labels else []
     ax.set_xticks(xs, col_labels or [], fontsize=7)
     ax.set_yticks(ys, row_labels or [], fontsize=7)
     ax.tick_params(length=0)
     ax.spines[:].set_visible(False)
-    if title:
-        ax.set_title(title, fontsize=9)
-    if xlabel:
-        ax.set_xlabel(xlabel, fontsize=8)
-    fig.tight_layout()
+    ax.set_title(title, fontsize=9)  # None: no title
+    ax.set_xlabel(xlabel, fontsize=8)
     _save(fig, path)
 
 
@@ -296,7 +289,7 @@ def save_traversal(images, path, values, row_labels=None, title=None, xlabel="co
 def save_traversal_gif(frames, path, values, row_labels, title):
     """An animated traversal, one row per code: frames (V, R, C, ch, H, W) in [0, 1], frame v
     with the codes at values[v], played forth and back (matplotlib's Pillow writer)."""
-    rows, cols, h = frames.shape[1], frames.shape[2], frames.shape[-2]
+    _, rows, cols, _, h, _ = frames.shape
     cells = frames.detach().float().cpu().clamp(0, 1).flatten(1, 2)  # (V, R * C, ch, H, W)
     grids = [torchvision.utils.make_grid(f, nrow=cols, pad_value=1.0) for f in cells]
     order = [*range(len(values)), *range(len(values) - 2, 0, -1)]  # forth and back
@@ -319,8 +312,9 @@ def save_traversal_gif(frames, path, values, row_labels, title):
 
 def save_scatter_rows(rows, path, modes=None, lim=None, title=None):
     """Fig 3-style scatter plots: rows = {row_label: [(column_title, points (N, 2)), ...]}."""
-    n_rows, n_cols = len(rows), max(len(v) for v in rows.values())
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.0 * n_cols, 2.1 * n_rows), squeeze=False)
+    n_cols = max(len(panels) for panels in rows.values())
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.0 * n_cols, 2.1 * len(rows)),
+                             squeeze=False)
     for i, (label, panels) in enumerate(rows.items()):
         for j, ax in enumerate(axes[i]):
             ax.set(xticks=[], yticks=[])
@@ -339,10 +333,7 @@ def save_scatter_rows(rows, path, modes=None, lim=None, title=None):
             ax.set_title(col_title, fontsize=8)
             if j == 0:
                 ax.set_ylabel(label, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, title)
 
 
 def save_scatter_history(folder, label, points, title, modes):
@@ -360,18 +351,13 @@ def save_scatter_history(folder, label, points, title, modes):
 def append_metrics(path, row):
     """Append one row (a dict) to a metrics CSV, writing the header when the file is new."""
     new = not os.path.exists(path)
+    # float cells in 6 significant digits, NaN (no value) as an empty cell
+    cells = {k: "" if math.isnan(v) else f"{v:.6g}" for k, v in row.items() if isinstance(v, float)}
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
         if new:
             w.writeheader()
-        w.writerow({k: cell(v) for k, v in row.items()})
-
-
-def cell(value):
-    """A metrics.csv cell: a float in 6 significant digits, NaN (no value) as an empty cell."""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return value
+        w.writerow({**row, **cells})
 
 
 def truncate_metrics(path, step):
@@ -403,8 +389,7 @@ def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=F
         n = min(len(t) for t in tables)
         for col in columns:
             if n and col in tables[0][0]:
-                col_name = col if len(columns) > 1 or not label else ""
-                name = " ".join(s for s in (label, col_name) if s)
+                name = (label or col) if len(columns) == 1 else " ".join(filter(None, (label, col)))
                 ys = torch.tensor([[t[i][col] for i in range(n)] for t in tables])  # (runs, rows)
                 xs = [tables[0][i][x] for i in range(n)]
                 line, = ax.plot(xs, ys.mean(0), marker=".", label=name)
@@ -412,29 +397,25 @@ def plot_metrics(runs, columns, path, x="epoch", title=None, ylabel=None, logy=F
                     ax.fill_between(xs, *ys.aminmax(dim=0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel or (columns[0] if len(columns) == 1 else "value"))
-    if logy:
-        ax.set_yscale("log")
-    if title:
-        ax.set_title(title, fontsize=10)
+    ax.set_yscale("log" if logy else "linear")
+    ax.set_title(title, fontsize=10)  # None: no title
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     _save(fig, path)
 
 
 def carried(row, j):
     """'factor share': the factor latent j carries most (sampled MI / H) in a VAE row, or ''."""
     shares = {k[len(f"mi_z{j}_"):]: v for k, v in row.items() if k.startswith(f"mi_z{j}_")}
-    if not shares:
-        return ""
-    name = max(shares, key=shares.get)
-    return f"{name} {shares[name]:.2f}"
+    name = max(shares, key=shares.get, default="")
+    return f"{name} {shares[name]:.2f}" if shares else ""
 
 
-def save_mi_matrix(row, latents, path, title):
+def save_mi_matrix(row, path, title):
     """The sampled latent × factor MI matrix of a metrics row as a heatmap, latents by KL."""
-    order = sorted(range(latents), key=lambda j: -row[f"kl_z{j}"])
+    latents = [int(k[len("kl_z"):]) for k in row if k.startswith("kl_z")]
+    order = sorted(latents, key=lambda j: -row[f"kl_z{j}"])
     names = [k[len("mi_z0_"):] for k in row if k.startswith("mi_z0_")]
     matrix = [[row[f"mi_z{j}_{name}"] for name in names] for j in order]
     labels = [f"z{j} (KL {row[f'kl_z{j}']:.2f})" for j in order]
@@ -448,8 +429,29 @@ def save_mi_matrix(row, latents, path, title):
     ax.set_xticks(range(m.shape[1]), names, fontsize=8)
     ax.set_yticks(range(m.shape[0]), labels, fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     _save(fig, path)
+
+
+def save_vae_figures(folder, row, name, real, rec, samples, moved, latents, values, inputs):
+    """A VAE's figures of one epoch, images in [0, 1]: reconstructions.png (real (8, C, H, W)
+    over rec), samples.png, Fig. 14 as fig14_traversals.png and traversal.gif (moved (R, V, C, H,
+    W): row r moves latent latents[r] over values from image inputs[r]), mi_matrix.png."""
+    step = row["step"]
+    title = (f"{name} reconstructions (posterior mean), step {step}\n"
+             f"pixel MSE {row['mse']:.4f}, grey pixels {row['grey_pct']:.1f}% (evaluation images)")
+    save_grid(torch.cat([real, rec]), os.path.join(folder, "reconstructions.png"), nrow=8,
+              row_labels=["real", "recon"], title=title)
+    save_grid(samples, os.path.join(folder, "samples.png"), nrow=8,
+              title=f"{name} prior samples, step {step}")
+    labels = [f"z{j} KL {row[f'kl_z{j}']:.2f} {carried(row, j)}" for j in latents]
+    title = f"{name}: latents, their KL, the factor each carries, step {step}"
+    save_traversal(moved, os.path.join(folder, "fig14_traversals.png"), values, labels, title,
+                   inputs=inputs)
+    save_traversal_gif(moved.transpose(0, 1)[:, :, None], os.path.join(folder, "traversal.gif"),
+                       values, labels, name)  # one row per latent
+    if any(key.startswith("mi_z") for key in row):
+        title = f"normalised MI of sampled z with each factor, step {step}"
+        save_mi_matrix(row, os.path.join(folder, "mi_matrix.png"), title)
 
 
 def save_panels(panels, path, xlabel, title=None):
@@ -463,13 +465,14 @@ def save_panels(panels, path, xlabel, title=None):
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    _save(fig, path, title)
+
+
+def _save(fig, path, suptitle=None):
+    """Lay out fig under its suptitle (if any), save it at 110 dpi (making its folder), close it."""
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

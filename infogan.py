@@ -34,7 +34,7 @@ DEFAULTS = {"mnist": dict(  # the InfoGAN paper's settings
     n_cat=10,
     n_cont=2)}
 
-# ---- Flags: the shared ones (the same in every script), then this script's own -----------------
+# ---- Flags: the shared ones, the same in every script, then the script's own ----
 RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "out")
 
 
@@ -253,9 +253,8 @@ def save_digit_figures(G, fixed, args, folder, step, title=""):
     G.train()
 
 
-# ================================================================================================
-# PLUMBING: the same text in every script (a test checks it); a reader beside the report may
-# skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
+# ==== PLUMBING: the same text in every script (a test checks it); a reader beside the report
+# may skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
 def between(lo, hi, kind=float):
     """An argparse type: a `kind` in [lo, hi]."""
     def number(text):
@@ -271,7 +270,7 @@ def read_checkpoint(path):
     try:  # weights_only: a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"--resume {path}: cannot load it ({type(e).__name__})")
+        common.die(f"--resume {path}: not a checkpoint that loads safely ({type(e).__name__})")
     common.need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
                 f"--resume {path}: not a checkpoint of {SCRIPT}")
     return {**ckpt, "folder": os.path.dirname(os.path.abspath(path))}
@@ -339,7 +338,7 @@ def train(args, ckpt=None):
             bad = torch.where((bad < 0) & ~losses.isfinite(), step, bad)
             if step % args.log_every == 0 or step == end:
                 for name, at in zip(LOSSES, bad.tolist()):
-                    common.need(at < 0, f"{name} is NaN or inf at step {at}; lower the lr")
+                    common.need(at < 0, f"{name} became NaN or inf at step {at}; lower the lr")
                 rate = (step - epoch_start) / (time.time() - t_epoch)
                 means = (epoch_sums / (step - epoch_start)).tolist()
                 shown = "  ".join(f"{n} {v:.3f}" for n, v in zip(LOSSES, means))
@@ -363,7 +362,7 @@ def main(argv=None):
     """One run; several --k or --beta values: a sweep (evaluation.py)."""
     args, ckpt = parse_args(argv)
     return train(args, ckpt) if ckpt else evaluation.sweep(train, args, SCRIPT, argv)
-# ==================================== (end of the plumbing) ====================================
+# ==== end of the plumbing ====
 
 
 if __name__ == "__main__":

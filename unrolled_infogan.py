@@ -48,7 +48,7 @@ RING = MNIST | dict(  # the Unrolled GAN paper's, where they differ
     n_cont=0)
 DEFAULTS = {"mnist": MNIST, "ring": RING, "grid": RING}
 
-# ---- Flags: the shared ones (the same in every script), then this script's own -----------------
+# ---- Flags: the shared ones, the same in every script, then the script's own ----
 RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "out")
 
 
@@ -202,50 +202,45 @@ def information_losses(q, c_cat, c_cont, n_cat):
     return li_cat, li_cont
 
 
-# ---- The unrolled look-ahead (eqs. 8-11) -------------------------------------------------------
-# D's parameters that opt_d owns become ONE flat vector θ (P,), so the differentiable Adam is a
-# few vector operations; views of θ feed functional_call. No host sync.
-TINY = 1e-30  # sqrt(v + TINY): d sqrt(v)/dv is infinite at v = 0 (a zero gradient), 0·inf = NaN
+# ---- The unrolled look-ahead (eqs. 8-11) ----
+# The parameters opt_d owns as ONE flat vector θ (P,): the differentiable Adam is a few vector
+# operations, and views of θ feed functional_call. No host sync.
+TINY = 1e-30  # sqrt(v + TINY): d sqrt(v)/dv is infinite at v = 0, and 0·inf = NaN
 
 
 def flat_adam_state(opt, p, key):
-    """opt's Adam state `key` ("exp_avg" or "exp_avg_sq") of parameter p, flat; zeros before its
-    first step."""
+    """opt's Adam state `key` of parameter p, flat; zeros before its first step."""
     state = opt.state.get(p, {})
     return state[key].reshape(-1) if key in state else torch.zeros_like(p).reshape(-1)
 
 
 def snapshot_d(D, opt_d):
-    """D where the look-ahead starts, as fresh tensors aliasing nothing of D or opt_d: θ, Adam's
-    m, v (P,) and step t; D's other parameters (Q's head) and copies of its buffers in "rest"."""
+    """D where the look-ahead starts, as fresh tensors: θ, Adam's m, v (P,), its step t
+    and settings; in "rest", D's other parameters and copies of its buffers."""
     owned = {id(p) for p in opt_d.param_groups[0]["params"]}
     named = [(name, p) for name, p in D.named_parameters() if id(p) in owned]
     params = [p for _, p in named]
     rest = {name: p.detach() for name, p in D.named_parameters() if id(p) not in owned}
     rest.update({name: b.clone() for name, b in D.named_buffers()})
-    group = opt_d.param_groups[0]
     return {"names": [name for name, _ in named],
             "shapes": [p.shape for p in params],
             "theta": torch.cat([p.detach().reshape(-1) for p in params]),
             "m": torch.cat([flat_adam_state(opt_d, p, "exp_avg") for p in params]),
             "v": torch.cat([flat_adam_state(opt_d, p, "exp_avg_sq") for p in params]),
-            "t": int(opt_d.state.get(params[0], {}).get("step", 0)),  # on the CPU: no sync
+            "t": int(opt_d.state.get(params[0], {}).get("step", 0)),  # a CPU count
             "rest": rest,
-            "betas": group["betas"],
-            "eps": group["eps"]}
+            "group": opt_d.param_groups[0]}  # lr, betas, eps
 
 
 def d_forward(D, snap, theta, x):
-    """D(x) with opt_d's parameters taken from the flat θ (in the autograd graph), the rest from
-    the snapshot; D's outputs, its logit first."""
+    """D's outputs for x, with opt_d's parameters the views of the flat θ."""
     views = theta.split([math.prod(shape) for shape in snap["shapes"]])
-    params = {name: t.view(s) for name, t, s in zip(snap["names"], views, snap["shapes"])}
+    params = {n: t.view(s) for n, t, s in zip(snap["names"], views, snap["shapes"])}
     return functional_call(D, {**params, **snap["rest"]}, (x,))
 
 
 def adam_step(theta, m, v, grad, t, lr, betas, eps):
-    """One differentiable Adam update (torch.optim.Adam's arithmetic); t, the 1-based step, is an
-    int, so the bias corrections are floats."""
+    """One differentiable Adam update, torch.optim.Adam's arithmetic; t: the step."""
     b1, b2 = betas
     m = b1 * m + (1 - b1) * grad
     v = b2 * v + (1 - b2) * grad * grad
@@ -254,11 +249,11 @@ def adam_step(theta, m, v, grad, t, lr, betas, eps):
 
 
 def unroll(D, snap, x_real, x_fake, k, lr, first_order=False):
-    """eq. (8): θ_D^{k+1} = θ_D^k + η df/dθ_D^k, here K Adam steps descending loss_d = -f; returns
-    θ_D^K. Exact: θ_D^K stays a differentiable function of θ_G (through x_fake, in every step:
-    create_graph=True), so backprop through f_K gives both terms of eq. (11); first_order detaches
-    θ_D^k and x_fake, dropping the second term."""
+    """eq. (8): θ_D^{k+1} = θ_D^k + η df/dθ_D^k, K Adam steps descending loss_d = -f.
+    Exact: θ_D^K stays a function of θ_G (create_graph), so backprop through f_K gives
+    both terms of eq. (11); first_order detaches θ_D^k and x_fake: the first alone."""
     theta, m, v = snap["theta"].requires_grad_(), snap["m"], snap["v"]
+    betas, eps = snap["group"]["betas"], snap["group"]["eps"]
     fake = x_fake.detach() if first_order else x_fake
     for i in range(k):
         if first_order:
@@ -268,27 +263,25 @@ def unroll(D, snap, x_real, x_fake, k, lr, first_order=False):
         loss = d_loss(real_logit, fake_logit)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=not first_order)
         t = snap["t"] + i + 1
-        theta, m, v = adam_step(theta, m, v, grad, t, lr, snap["betas"], snap["eps"])
+        theta, m, v = adam_step(theta, m, v, grad, t, lr, betas, eps)
     return theta.detach() if first_order else theta
 
 
 def unrolled_g_loss(D, opt_d, x_real, x_fake, k, lr, kind="ns", first_order=False):
-    """eq. (10): f_K(θ_G, θ_D) = f(θ_G, θ_D^K(θ_G, θ_D)), G's loss against D after K updates (K = 0:
-    the plain GAN's)."""
+    """eq. (10): f_K(θ_G, θ_D) = f(θ_G, θ_D^K(θ_G, θ_D)), G's loss against D after K
+    updates (K = 0: the plain GAN's). ns: -E log D(G(z)); saddle: eq. (1)'s V."""
     snap = snapshot_d(D, opt_d)
     theta = unroll(D, snap, x_real, x_fake, k, lr, first_order)
     fake_logit, *_ = d_forward(D, snap, theta, x_fake)
-    if kind == "saddle":
-        # f = V(D, G) = -loss_d, which G descends (once D is unrolled, its real term depends on θ_G)
-        real_logit, *_ = d_forward(D, snap, theta, x_real)
-        return -d_loss(real_logit, fake_logit)
-    # ns: -E log D(G(z)), a batch mean
-    return F.binary_cross_entropy_with_logits(fake_logit, torch.ones_like(fake_logit))
+    if kind == "ns":
+        return F.binary_cross_entropy_with_logits(fake_logit, torch.ones_like(fake_logit))
+    real_logit, *_ = d_forward(D, snap, theta, x_real)  # unrolled, a function of θ_G too
+    return -d_loss(real_logit, fake_logit)
 
 
 def forward_with_copied_buffers(D, x):
-    """D(x) with D's own parameters (gradients reach them) but copies of its buffers: a train-mode
-    BatchNorm updates its running statistics in the copies, D's stay as they were."""
+    """D(x) on copies of D's buffers: BatchNorm's running statistics stay as they were;
+    gradients reach D's parameters."""
     buffers = {name: b.clone() for name, b in D.named_buffers()}
     return functional_call(D, buffers, (x,))
 
@@ -404,9 +397,8 @@ def save_digit_figures(G, fixed, args, folder, step, title=""):
     G.train()
 
 
-# ================================================================================================
-# PLUMBING: the same text in every script (a test checks it); a reader beside the report may
-# skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
+# ==== PLUMBING: the same text in every script (a test checks it); a reader beside the report
+# may skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
 def between(lo, hi, kind=float):
     """An argparse type: a `kind` in [lo, hi]."""
     def number(text):
@@ -422,7 +414,7 @@ def read_checkpoint(path):
     try:  # weights_only: a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"--resume {path}: cannot load it ({type(e).__name__})")
+        common.die(f"--resume {path}: not a checkpoint that loads safely ({type(e).__name__})")
     common.need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
                 f"--resume {path}: not a checkpoint of {SCRIPT}")
     return {**ckpt, "folder": os.path.dirname(os.path.abspath(path))}
@@ -490,7 +482,7 @@ def train(args, ckpt=None):
             bad = torch.where((bad < 0) & ~losses.isfinite(), step, bad)
             if step % args.log_every == 0 or step == end:
                 for name, at in zip(LOSSES, bad.tolist()):
-                    common.need(at < 0, f"{name} is NaN or inf at step {at}; lower the lr")
+                    common.need(at < 0, f"{name} became NaN or inf at step {at}; lower the lr")
                 rate = (step - epoch_start) / (time.time() - t_epoch)
                 means = (epoch_sums / (step - epoch_start)).tolist()
                 shown = "  ".join(f"{n} {v:.3f}" for n, v in zip(LOSSES, means))
@@ -514,7 +506,7 @@ def main(argv=None):
     """One run; several --k or --beta values: a sweep (evaluation.py)."""
     args, ckpt = parse_args(argv)
     return train(args, ckpt) if ckpt else evaluation.sweep(train, args, SCRIPT, argv)
-# ==================================== (end of the plumbing) ====================================
+# ==== end of the plumbing ====
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ DEFAULTS["squares"] = {
 DEFAULTS["celeba"] = {**DEFAULTS["sprites"], "epochs": 20}
 
 
-# ---- Flags: the shared ones (the same in every script), then this script's own -----------------
+# ---- Flags: the shared ones, the same in every script, then the script's own ----
 RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "out")
 
 
@@ -96,7 +96,7 @@ def parse_args(argv=None):
     return args, ckpt
 
 
-# ---- Models (Larsen et al.: 5x5 convs, BatchNorm, ReLU; ↓/↑ = stride 2). Images in [-1, 1] ------
+# ---- Models (Larsen et al.: 5x5 convs, BatchNorm, ReLU; ↓/↑ = stride 2). Images in [-1, 1] ----
 def block(c_in, c_out, down=True):
     """5x5 conv ↓ (or transposed conv ↑), stride 2, BatchNorm, ReLU."""
     if down:
@@ -169,7 +169,7 @@ class LarsenDiscriminator(nn.Module):
         return self.head(self.features(x)).squeeze(1)
 
 
-# ---- Losses ------------------------------------------------------------------------------------
+# ---- Losses ----
 def feature_nll(dis, x_rec, x):
     """L_llike^Dis_l = −log N(Dis_l(x) | Dis_l(x̃), I) without its constant: ½ Σ_features
     (Dis_l(x̃) − Dis_l(x))², a mean over the batch. x̃ and x pass D as ONE batch, as aegan.py's
@@ -189,7 +189,7 @@ def equilibrium_gate(bce_real, bce_fake, equilibrium, margin):
     return d_on, g_on
 
 
-# ---- ALGO LOGIC: one training step (Larsen et al.'s Algorithm 1, with their gate) --------------
+# ---- ALGO LOGIC: one training step (Larsen et al.'s Algorithm 1, with their gate) ----
 def train_step(nets, opts, x, args):
     """One step on a batch x (B, C, H, W) in [-1, 1]. Returns detached LOSSES; reads the gate's
     two BCEs on the host (one sync a step)."""
@@ -235,7 +235,7 @@ def train_step(nets, opts, x, args):
     return torch.stack([*stats, x.new_tensor(d_on), x.new_tensor(g_on)]).detach()
 
 
-# ---- Setup, evaluation, figures ----------------------------------------------------------------
+# ---- Setup, evaluation, figures ----
 def build(args, shape):
     """Encoder, decoder, discriminator, and one RMSprop each (Larsen et al.)."""
     channels = shape[0]
@@ -278,32 +278,20 @@ def evaluate(nets, ctx, args):
 
 @torch.no_grad()
 def save_figures(nets, ctx, args, folder, row):
-    """reconstructions.png, samples.png, fig14_traversals.png, fig15_kl_per_latent.png,
-    mi_matrix.png (known factors), losses.png. All decoded in one batch after the posterior means
-    of the 1,000 evaluation images, as evaluate decodes them."""
-    step = row["step"]
+    """Reconstructions, samples, Figs. 14 (and traversal.gif) and 15, MI matrix, losses;
+    decoded in one batch after the 1,000 evaluation images' posterior means, as evaluate does."""
     mu = evaluation.encode_posterior(nets["enc"], ctx["x"][:1000])[0].to(args.device)
-    # Fig. 14: the encoded image 0 in the first column, then latent j moved ±3 around μ_j
+    # Fig. 14: image 0 encoded (first column), then latent j at μ_j ± 3, 10 latents by KL
     order = sorted(range(args.latents), key=lambda j: -row[f"kl_z{j}"])[:10]
     values = torch.linspace(-3, 3, 9)
     offsets = torch.eye(args.latents)[order, None] * values[:, None]  # (rows, 9, L)
     moved = (mu[0] + offsets.to(mu.device)).flatten(0, 1)
     images = decode(nets["dec"], torch.cat([mu, moved, ctx["z"]]))
     rec, moved, samples = images.split([len(mu), len(moved), len(ctx["z"])])
-    real = (ctx["x"][:8].float().cpu() + 1) / 2  # [-1, 1] -> [0, 1]
-    title = (f"VAE-GAN reconstructions (posterior mean), step {step}\n"
-             f"pixel MSE {row['mse']:.4f}, grey pixels {row['grey_pct']:.1f}% (evaluation images)")
-    common.save_grid(torch.cat([real, rec[:8]]), os.path.join(folder, "reconstructions.png"),
-                     nrow=8, row_labels=["real", "VAE-GAN"], title=title)
-    common.save_grid(samples, os.path.join(folder, "samples.png"), nrow=8,
-                     title=f"VAE-GAN prior samples, step {step}")
-    moved = moved.unflatten(0, (len(order), 9))  # (rows, 9, C, H, W)
-    labels = [f"z{j} KL {row[f'kl_z{j}']:.2f} {common.carried(row, j)}" for j in order]
-    common.save_traversal(moved, os.path.join(folder, "fig14_traversals.png"), values, labels,
-                          f"VAE-GAN: latents by KL, the factor each carries, step {step}",
-                          inputs=real[:1].expand(len(order), *real.shape[1:]))
-    gif = os.path.join(folder, "traversal.gif")  # one row per latent, moving
-    common.save_traversal_gif(moved.transpose(0, 1)[:, :, None], gif, values, labels, "VAE-GAN")
+    x = (ctx["x"][:8].float().cpu() + 1) / 2  # [-1, 1] -> [0, 1]
+    inputs = x[:1].expand(len(order), *x.shape[1:])
+    common.save_vae_figures(folder, row, "VAE-GAN", x, rec[:8], samples,
+                            moved.unflatten(0, (len(order), 9)), order, values, inputs)
     metrics = os.path.join(folder, "metrics.csv")
     common.plot_metrics(metrics, [f"kl_z{j}" for j in order],
                         os.path.join(folder, "fig15_kl_per_latent.png"), x="step",
@@ -311,14 +299,10 @@ def save_figures(nets, ctx, args, folder, row):
     common.plot_metrics(metrics, ["loss_d", "loss_dec", "llike", "kl", "bce_real", "bce_fake"],
                         os.path.join(folder, "losses.png"), x="step", logy=True,
                         title="VAE-GAN losses")
-    if ctx["factors"] is not None:
-        common.save_mi_matrix(row, args.latents, os.path.join(folder, "mi_matrix.png"),
-                              f"normalised MI of sampled z with each factor, step {step}")
 
 
-# ================================================================================================
-# PLUMBING: the same text in every script (a test checks it); a reader beside the report may
-# skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
+# ==== PLUMBING: the same text in every script (a test checks it); a reader beside the report
+# may skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
 def between(lo, hi, kind=float):
     """An argparse type: a `kind` in [lo, hi]."""
     def number(text):
@@ -334,7 +318,7 @@ def read_checkpoint(path):
     try:  # weights_only: a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"--resume {path}: cannot load it ({type(e).__name__})")
+        common.die(f"--resume {path}: not a checkpoint that loads safely ({type(e).__name__})")
     common.need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
                 f"--resume {path}: not a checkpoint of {SCRIPT}")
     return {**ckpt, "folder": os.path.dirname(os.path.abspath(path))}
@@ -402,7 +386,7 @@ def train(args, ckpt=None):
             bad = torch.where((bad < 0) & ~losses.isfinite(), step, bad)
             if step % args.log_every == 0 or step == end:
                 for name, at in zip(LOSSES, bad.tolist()):
-                    common.need(at < 0, f"{name} is NaN or inf at step {at}; lower the lr")
+                    common.need(at < 0, f"{name} became NaN or inf at step {at}; lower the lr")
                 rate = (step - epoch_start) / (time.time() - t_epoch)
                 means = (epoch_sums / (step - epoch_start)).tolist()
                 shown = "  ".join(f"{n} {v:.3f}" for n, v in zip(LOSSES, means))
@@ -426,7 +410,7 @@ def main(argv=None):
     """One run; several --k or --beta values: a sweep (evaluation.py)."""
     args, ckpt = parse_args(argv)
     return train(args, ckpt) if ckpt else evaluation.sweep(train, args, SCRIPT, argv)
-# ==================================== (end of the plumbing) ====================================
+# ==== end of the plumbing ====
 
 
 

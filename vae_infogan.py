@@ -1,7 +1,6 @@
-"""VAE-InfoGAN: report §IV.A, Fig. 14 (encoded images traversed along the information latents)
-and Fig. 15 (mean KL per latent, information vs incompressible): a VAE-GAN (Larsen et al. 2016)
-with β on its KL (Higgins et al. 2017) whose first --n-info latents also get InfoGAN's L_I (Chen
-et al. 2016), its GAN part unrolled K steps (Metz et al. 2017), balanced by Larsen et al.'s gate.
+"""VAE-InfoGAN: report §IV.A, Figs. 14-15. A VAE-GAN (Larsen et al. 2016) with β on its KL
+(Higgins et al. 2017) whose first --n-info latents also get InfoGAN's L_I (Chen et al. 2016),
+its GAN part unrolled K steps (Metz et al. 2017), balanced by Larsen et al.'s gate.
 
     python vae_infogan.py --dataset squares --k 0 --seed 3   # Lab 4's K = 0 row
     python vae_infogan.py --dataset squares --k 3 --seed 3   # Lab 4's K = 3 row
@@ -44,7 +43,7 @@ DEFAULTS["squares"] = {
 DEFAULTS["celeba"] = {**DEFAULTS["sprites"], "epochs": 10, "latents": 32}  # faces vary more
 
 
-# ---- Flags: the shared ones (the same in every script), then this script's own -----------------
+# ---- Flags: the shared ones, the same in every script, then the script's own ----
 RUN_FLAGS = ("resume", "device", "data_root", "epochs", "steps", "log_every", "out")
 
 
@@ -92,7 +91,7 @@ def parse_args(argv=None):
     return args, ckpt
 
 
-# ---- Models for 64x64 images: 4x4 stride-2 convs, BatchNorm, LeakyReLU 0.2 (DCGAN) -------------
+# ---- Models for 64x64 images: 4x4 stride-2 convs, BatchNorm, LeakyReLU 0.2 (DCGAN) ----
 def down(c_in, c_out, bn=True):
     """4x4 conv, stride 2 (the size halves), BatchNorm (not on DCGAN D's first), LeakyReLU 0.2."""
     norm = nn.BatchNorm2d(c_out) if bn else nn.Identity()
@@ -148,7 +147,7 @@ class DCGANDiscriminator(nn.Module):
         return self.d_head(h).squeeze(1), h, self.q_head(h)
 
 
-# ---- Losses ------------------------------------------------------------------------------------
+# ---- Losses ----
 def d_loss(real_logit, fake_logit):
     # eq. (1), D's side: D ascends V(D, G), i.e. descends
     # loss_d = -V = -E_x log D(x) - E_z log(1 - D(G(z))), each E a mean over the batch
@@ -167,50 +166,45 @@ def equilibrium_gate(bce_real, bce_fake, equilibrium, margin):
     return d_on, g_on
 
 
-# ---- The unrolled look-ahead (eqs. 8-11) -------------------------------------------------------
-# D's parameters that opt_d owns become ONE flat vector θ (P,), so the differentiable Adam is a
-# few vector operations; views of θ feed functional_call. No host sync.
-TINY = 1e-30  # sqrt(v + TINY): d sqrt(v)/dv is infinite at v = 0 (a zero gradient), 0·inf = NaN
+# ---- The unrolled look-ahead (eqs. 8-11) ----
+# The parameters opt_d owns as ONE flat vector θ (P,): the differentiable Adam is a few vector
+# operations, and views of θ feed functional_call. No host sync.
+TINY = 1e-30  # sqrt(v + TINY): d sqrt(v)/dv is infinite at v = 0, and 0·inf = NaN
 
 
 def flat_adam_state(opt, p, key):
-    """opt's Adam state `key` ("exp_avg" or "exp_avg_sq") of parameter p, flat; zeros before its
-    first step."""
+    """opt's Adam state `key` of parameter p, flat; zeros before its first step."""
     state = opt.state.get(p, {})
     return state[key].reshape(-1) if key in state else torch.zeros_like(p).reshape(-1)
 
 
 def snapshot_d(D, opt_d):
-    """D where the look-ahead starts, as fresh tensors aliasing nothing of D or opt_d: θ, Adam's
-    m, v (P,) and step t; D's other parameters (Q's head) and copies of its buffers in "rest"."""
+    """D where the look-ahead starts, as fresh tensors: θ, Adam's m, v (P,), its step t
+    and settings; in "rest", D's other parameters and copies of its buffers."""
     owned = {id(p) for p in opt_d.param_groups[0]["params"]}
     named = [(name, p) for name, p in D.named_parameters() if id(p) in owned]
     params = [p for _, p in named]
     rest = {name: p.detach() for name, p in D.named_parameters() if id(p) not in owned}
     rest.update({name: b.clone() for name, b in D.named_buffers()})
-    group = opt_d.param_groups[0]
     return {"names": [name for name, _ in named],
             "shapes": [p.shape for p in params],
             "theta": torch.cat([p.detach().reshape(-1) for p in params]),
             "m": torch.cat([flat_adam_state(opt_d, p, "exp_avg") for p in params]),
             "v": torch.cat([flat_adam_state(opt_d, p, "exp_avg_sq") for p in params]),
-            "t": int(opt_d.state.get(params[0], {}).get("step", 0)),  # on the CPU: no sync
+            "t": int(opt_d.state.get(params[0], {}).get("step", 0)),  # a CPU count
             "rest": rest,
-            "betas": group["betas"],
-            "eps": group["eps"]}
+            "group": opt_d.param_groups[0]}  # lr, betas, eps
 
 
 def d_forward(D, snap, theta, x):
-    """D(x) with opt_d's parameters taken from the flat θ (in the autograd graph), the rest from
-    the snapshot; D's outputs, its logit first."""
+    """D's outputs for x, with opt_d's parameters the views of the flat θ."""
     views = theta.split([math.prod(shape) for shape in snap["shapes"]])
-    params = {name: t.view(s) for name, t, s in zip(snap["names"], views, snap["shapes"])}
+    params = {n: t.view(s) for n, t, s in zip(snap["names"], views, snap["shapes"])}
     return functional_call(D, {**params, **snap["rest"]}, (x,))
 
 
 def adam_step(theta, m, v, grad, t, lr, betas, eps):
-    """One differentiable Adam update (torch.optim.Adam's arithmetic); t, the 1-based step, is an
-    int, so the bias corrections are floats."""
+    """One differentiable Adam update, torch.optim.Adam's arithmetic; t: the step."""
     b1, b2 = betas
     m = b1 * m + (1 - b1) * grad
     v = b2 * v + (1 - b2) * grad * grad
@@ -219,11 +213,11 @@ def adam_step(theta, m, v, grad, t, lr, betas, eps):
 
 
 def unroll(D, snap, x_real, x_fake, k, lr, first_order=False):
-    """eq. (8): θ_D^{k+1} = θ_D^k + η df/dθ_D^k, here K Adam steps descending loss_d = -f; returns
-    θ_D^K. Exact: θ_D^K stays a differentiable function of θ_G (through x_fake, in every step:
-    create_graph=True), so backprop through f_K gives both terms of eq. (11); first_order detaches
-    θ_D^k and x_fake, dropping the second term."""
+    """eq. (8): θ_D^{k+1} = θ_D^k + η df/dθ_D^k, K Adam steps descending loss_d = -f.
+    Exact: θ_D^K stays a function of θ_G (create_graph), so backprop through f_K gives
+    both terms of eq. (11); first_order detaches θ_D^k and x_fake: the first alone."""
     theta, m, v = snap["theta"].requires_grad_(), snap["m"], snap["v"]
+    betas, eps = snap["group"]["betas"], snap["group"]["eps"]
     fake = x_fake.detach() if first_order else x_fake
     for i in range(k):
         if first_order:
@@ -233,35 +227,32 @@ def unroll(D, snap, x_real, x_fake, k, lr, first_order=False):
         loss = d_loss(real_logit, fake_logit)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=not first_order)
         t = snap["t"] + i + 1
-        theta, m, v = adam_step(theta, m, v, grad, t, lr, snap["betas"], snap["eps"])
+        theta, m, v = adam_step(theta, m, v, grad, t, lr, betas, eps)
     return theta.detach() if first_order else theta
 
 
 def unrolled_g_loss(D, opt_d, x_real, x_fake, k, lr, kind="ns", first_order=False):
-    """eq. (10): f_K(θ_G, θ_D) = f(θ_G, θ_D^K(θ_G, θ_D)), G's loss against D after K updates (K = 0:
-    the plain GAN's)."""
+    """eq. (10): f_K(θ_G, θ_D) = f(θ_G, θ_D^K(θ_G, θ_D)), G's loss against D after K
+    updates (K = 0: the plain GAN's). ns: -E log D(G(z)); saddle: eq. (1)'s V."""
     snap = snapshot_d(D, opt_d)
     theta = unroll(D, snap, x_real, x_fake, k, lr, first_order)
     fake_logit, *_ = d_forward(D, snap, theta, x_fake)
-    if kind == "saddle":
-        # f = V(D, G) = -loss_d, which G descends (once D is unrolled, its real term depends on θ_G)
-        real_logit, *_ = d_forward(D, snap, theta, x_real)
-        return -d_loss(real_logit, fake_logit)
-    # ns: -E log D(G(z)), a batch mean
-    return F.binary_cross_entropy_with_logits(fake_logit, torch.ones_like(fake_logit))
+    if kind == "ns":
+        return F.binary_cross_entropy_with_logits(fake_logit, torch.ones_like(fake_logit))
+    real_logit, *_ = d_forward(D, snap, theta, x_real)  # unrolled, a function of θ_G too
+    return -d_loss(real_logit, fake_logit)
 
 
 def forward_with_copied_buffers(D, x):
-    """D(x) with D's own parameters (gradients reach them) but copies of its buffers: a train-mode
-    BatchNorm updates its running statistics in the copies, D's stay as they were."""
+    """D(x) on copies of D's buffers: BatchNorm's running statistics stay as they were;
+    gradients reach D's parameters."""
     buffers = {name: b.clone() for name, b in D.named_buffers()}
     return functional_call(D, buffers, (x,))
 
 
-# ---- ALGO LOGIC: one training step -------------------------------------------------------------
+# ---- ALGO LOGIC: one training step ----
 def train_step(nets, opts, x, args):
-    """One step on a batch x (B, C, H, W) in [0, 1]. Returns detached LOSSES; reads the gate's
-    two BCEs on the host (one sync a step)."""
+    """One step on images x (B, C, H, W) in [0, 1]; detached LOSSES. One host sync: the gate."""
     enc, dec, D = nets["enc"], nets["dec"], nets["D"]
     batch = x.shape[0]
     mu, logvar = enc(x).chunk(2, dim=1)
@@ -274,10 +265,10 @@ def train_step(nets, opts, x, args):
     # BatchNorm batches, as the unroll takes them; skipped while the gate pauses D ----
     real_logit = D(x)[0]
     fake_logit = D(fakes.detach())[0]
-    # per-image mean BCEs over the B real and 2B fake images; loss_d = bce_real + bce_fake
+    # per-image mean BCEs over the B real and 2B fake images
     bce_real = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
     bce_fake = F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
-    loss_d = bce_real + bce_fake
+    loss_d = bce_real + bce_fake  # d_loss(real_logit, fake_logit)
     d_on, g_on = equilibrium_gate(bce_real.item(), bce_fake.item(), args.equilibrium,
                                   args.margin)
     if d_on:
@@ -293,7 +284,6 @@ def train_step(nets, opts, x, args):
     # and x_p in one batch, on copies of D's BatchNorm buffers ----
     _, feats, q = forward_with_copied_buffers(D, torch.cat([x, fakes]))
     real_feats, rec_feats, _ = feats.split(batch)
-    q_fakes = q[batch:]  # Q's means of c for x̃ and x_p, (2B, n_info)
     # L_llike^Dis_l = −log N(Dis_l(x) | Dis_l(x̃), I), plus (deviation) the pixels' Bernoulli
     # −log p(x|x̃): with Dis_l alone our CPU-scale runs decoded noise. Sums, batch means
     llike = 0.5 * (rec_feats - real_feats.detach()).pow(2).sum() / batch
@@ -305,7 +295,7 @@ def train_step(nets, opts, x, args):
     # of z and z_p: ½ Σ_c (μ_Q − c)², a mean over the 2B fakes. c is detached: the encoder gets li
     # only through the image (else li could fall as the codes' σ shrinks)
     codes = torch.cat([z, z_p])[:, :args.n_info].detach()
-    li = 0.5 * (q_fakes - codes).pow(2).sum(1).mean()
+    li = 0.5 * (q[batch:] - codes).pow(2).sum(1).mean()  # q: Q's means of c
 
     # ---- (4) encoder step: β·L_prior + recon + λ·li; decoder and Q head step: γ·recon + f_K +
     # λ·li (through f_K: eq. (11), both terms), skipped whole while the gate pauses it. Q's
@@ -323,15 +313,14 @@ def train_step(nets, opts, x, args):
     return torch.stack([*stats, x.new_tensor(d_on), x.new_tensor(g_on)]).detach()
 
 
-# ---- Setup, evaluation, figures ----------------------------------------------------------------
+# ---- Setup, evaluation, figures ----
 def build(args, shape):
     """Encoder, decoder, D with Q's head; three Adams (β1 = 0.5), "dec" with Q's head."""
-    channels = shape[0]
     common.need(args.n_info < args.latents, "--n-info must be less than --latents")
     w = max(1, round(32 * args.width))  # the first conv's channels
-    enc = dcgan_encoder(channels, args.latents, w).to(args.device)
-    dec = dcgan_decoder(channels, args.latents, w).to(args.device)
-    D = DCGANDiscriminator(channels, args.n_info, w).to(args.device)
+    enc = dcgan_encoder(shape[0], args.latents, w).to(args.device)
+    dec = dcgan_decoder(shape[0], args.latents, w).to(args.device)
+    D = DCGANDiscriminator(shape[0], args.n_info, w).to(args.device)
     groups = {"enc": [*enc.parameters()],
               "dec": [*dec.parameters(), *D.q_head.parameters()],
               "d": [*D.body.parameters(), *D.d_head.parameters()]}
@@ -350,17 +339,14 @@ def setup(args):
 
 @torch.no_grad()
 def decode(dec, z):
-    """Images (B, C, H, W) in [0, 1] of latents z, on the CPU. BatchNorm normalises with the
-    batch's own statistics, as in training, on copies of its buffers (the running statistics mix
-    posterior and prior codes): give it posterior codes, or prepend them."""
+    """Images (B, C, H, W) in [0, 1] of latents z, on the CPU, as vae_gan.py decodes."""
     buffers = {name: b.clone() for name, b in dec.named_buffers()}
     return torch.sigmoid(functional_call(dec, buffers, (z,))).cpu()
 
 
 @torch.no_grad()
 def evaluate(nets, ctx, args):
-    """Each latent's KL on the fixed images and its mean over the information and the other latents
-    (Fig. 15); recon error and grey pixels on 1,000; with known factors, MIG and the MI matrix."""
+    """As beta_vae.py's, and the mean KL of the information and other latents (Fig. 15)."""
     mu, logvar = evaluation.encode_posterior(nets["enc"], ctx["x"])
     rec = decode(nets["dec"], mu[:1000].to(args.device))
     real = ctx["x"][:1000].float().cpu()
@@ -373,31 +359,19 @@ def evaluate(nets, ctx, args):
 
 @torch.no_grad()
 def save_figures(nets, ctx, args, folder, row):
-    """Figs. 14 and 15, mi_matrix.png (known factors), reconstructions, samples and losses. All
-    decoded in one batch after the posterior means of 1,000 evaluation images, as evaluate does."""
-    step = row["step"]
+    """Reconstructions, samples, Figs. 14 (and traversal.gif) and 15, MI matrix, losses;
+    decoded in one batch after the 1,000 evaluation images' posterior means, as evaluate does."""
     n = args.n_info
     mu = evaluation.encode_posterior(nets["enc"], ctx["x"][:1000])[0].to(args.device)
-    # Fig. 14: row j: image j encoded (first column), then information latent j moved ±3 around μ_j
+    # Fig. 14: row j: image j encoded (first column), then information latent j at μ_j ± 3
     values = torch.linspace(-3, 3, 9)
     offsets = torch.eye(args.latents)[:n, None] * values[:, None]  # (n, 9, L)
     moved = (mu[:n, None] + offsets.to(mu.device)).flatten(0, 1)
     images = decode(nets["dec"], torch.cat([mu, moved, ctx["z"]]))
     rec, moved, samples = images.split([len(mu), len(moved), len(ctx["z"])])
     x = ctx["x"][:max(8, n)].float().cpu()
-    title = (f"VAE-InfoGAN reconstructions (posterior mean), step {step}\n"
-             f"pixel MSE {row['mse']:.4f}, grey pixels {row['grey_pct']:.1f}% (evaluation images)")
-    common.save_grid(torch.cat([x[:8], rec[:8]]), os.path.join(folder, "reconstructions.png"),
-                     nrow=8, row_labels=["real", "recon"], title=title)
-    common.save_grid(samples, os.path.join(folder, "samples.png"), nrow=8,
-                     title=f"VAE-InfoGAN prior samples, step {step}")
-    labels = [f"c{j} = z{j} {common.carried(row, j)}" for j in range(n)]
-    moved = moved.unflatten(0, (n, 9))  # (n, 9, C, H, W)
-    common.save_traversal(moved, os.path.join(folder, "fig14_traversals.png"), values, labels,
-                          f"VAE-InfoGAN: information latents, step {step}", inputs=x[:n])
-    frames = moved.transpose(0, 1)[:, :, None]  # (9, n, 1, C, H, W): one row per latent
-    common.save_traversal_gif(frames, os.path.join(folder, "traversal.gif"), values, labels,
-                              "VAE-InfoGAN")
+    common.save_vae_figures(folder, row, "VAE-InfoGAN", x[:8], rec[:8], samples,
+                            moved.unflatten(0, (n, 9)), range(n), values, x[:n])
     metrics = os.path.join(folder, "metrics.csv")
     common.plot_metrics(metrics, ["kl_info", "kl_rest"],
                         os.path.join(folder, "fig15_kl_per_latent.png"), x="step",
@@ -406,14 +380,10 @@ def save_figures(nets, ctx, args, folder, row):
     common.plot_metrics(metrics, ["loss_d", "loss_g", "recon", "kl", "li", "bce_real", "bce_fake"],
                         os.path.join(folder, "losses.png"), x="step", logy=True,
                         title="VAE-InfoGAN losses")
-    if ctx["factors"] is not None:
-        common.save_mi_matrix(row, args.latents, os.path.join(folder, "mi_matrix.png"),
-                              f"normalised MI of sampled z with each factor, step {step}")
 
 
-# ================================================================================================
-# PLUMBING: the same text in every script (a test checks it); a reader beside the report may
-# skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
+# ==== PLUMBING: the same text in every script (a test checks it); a reader beside the report
+# may skip it. Flag types, run folder, checkpoint, and the loop that calls the hooks above.
 def between(lo, hi, kind=float):
     """An argparse type: a `kind` in [lo, hi]."""
     def number(text):
@@ -429,7 +399,7 @@ def read_checkpoint(path):
     try:  # weights_only: a pickle that would run code is refused
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        common.die(f"--resume {path}: cannot load it ({type(e).__name__})")
+        common.die(f"--resume {path}: not a checkpoint that loads safely ({type(e).__name__})")
     common.need(isinstance(ckpt, dict) and ckpt.get("script") == SCRIPT,
                 f"--resume {path}: not a checkpoint of {SCRIPT}")
     return {**ckpt, "folder": os.path.dirname(os.path.abspath(path))}
@@ -497,7 +467,7 @@ def train(args, ckpt=None):
             bad = torch.where((bad < 0) & ~losses.isfinite(), step, bad)
             if step % args.log_every == 0 or step == end:
                 for name, at in zip(LOSSES, bad.tolist()):
-                    common.need(at < 0, f"{name} is NaN or inf at step {at}; lower the lr")
+                    common.need(at < 0, f"{name} became NaN or inf at step {at}; lower the lr")
                 rate = (step - epoch_start) / (time.time() - t_epoch)
                 means = (epoch_sums / (step - epoch_start)).tolist()
                 shown = "  ".join(f"{n} {v:.3f}" for n, v in zip(LOSSES, means))
@@ -521,7 +491,7 @@ def main(argv=None):
     """One run; several --k or --beta values: a sweep (evaluation.py)."""
     args, ckpt = parse_args(argv)
     return train(args, ckpt) if ckpt else evaluation.sweep(train, args, SCRIPT, argv)
-# ==================================== (end of the plumbing) ====================================
+# ==== end of the plumbing ====
 
 
 
