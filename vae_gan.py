@@ -20,7 +20,6 @@ from datetime import datetime
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import common
 import evaluation
@@ -259,11 +258,12 @@ def setup(args):
 
 @torch.no_grad()
 def decode(dec, z):
-    """Images (B, C, H, W) in [0, 1] of latents z, on the CPU. BatchNorm normalises with the
-    batch's own statistics, as in training, on copies of its buffers (the running statistics mix
-    posterior and prior codes): give it posterior codes, or prepend them."""
-    buffers = {name: b.clone() for name, b in dec.named_buffers()}
-    return (functional_call(dec, buffers, (z,)).cpu() + 1) / 2
+    """Images (B, C, H, W) in [0, 1] of latents z, on the CPU. Eval mode: the running statistics
+    of BatchNorm, which one decoder batch of posterior and prior codes a step trains."""
+    dec.eval()
+    images = (dec(z).cpu() + 1) / 2
+    dec.train()
+    return images
 
 
 @torch.no_grad()
@@ -278,9 +278,8 @@ def evaluate(nets, ctx, args):
 
 @torch.no_grad()
 def save_figures(nets, ctx, args, folder, row):
-    """Reconstructions, samples, Figs. 14 (and traversal.gif) and 15, MI matrix, losses;
-    decoded in one batch after the 1,000 evaluation images' posterior means, as evaluate does."""
-    mu = evaluation.encode_posterior(nets["enc"], ctx["x"][:1000])[0].to(args.device)
+    """Reconstructions, samples, Figs. 14 (and traversal.gif) and 15, MI matrix, losses."""
+    mu = evaluation.encode_posterior(nets["enc"], ctx["x"][:8])[0].to(args.device)
     # Fig. 14: image 0 encoded (first column), then latent j at μ_j ± 3, 10 latents by KL
     order = sorted(range(args.latents), key=lambda j: -row[f"kl_z{j}"])[:10]
     values = torch.linspace(-3, 3, 9)

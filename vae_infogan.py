@@ -22,7 +22,7 @@ import common
 import evaluation
 
 SCRIPT = "vae_infogan.py"
-# train_step's returns: loss_g = f_K; d_on, g_on: 1 where the gate let D, G learn (means: shares)
+# loss_g = f_K; d_on, g_on: 1 where the gate let D, G learn (epoch means: shares)
 LOSSES = ("loss_d", "loss_g", "recon", "kl", "li", "bce_real", "bce_fake", "d_on", "g_on")
 DEFAULTS = {"sprites": dict(
     epochs=26, epoch_steps=0,  # as beta_vae.py: 26 passes of 11,520 steps
@@ -93,13 +93,13 @@ def parse_args(argv=None):
 
 # ---- Models for 64x64 images: 4x4 stride-2 convs, BatchNorm, LeakyReLU 0.2 (DCGAN) ----
 def down(c_in, c_out, bn=True):
-    """4x4 conv, stride 2 (the size halves), BatchNorm (not on DCGAN D's first), LeakyReLU 0.2."""
+    """4x4 conv, stride 2, BatchNorm (not on D's first), LeakyReLU 0.2."""
     norm = nn.BatchNorm2d(c_out) if bn else nn.Identity()
     return [nn.Conv2d(c_in, c_out, 4, 2, 1), norm, nn.LeakyReLU(0.2)]
 
 
 def up(c_in, c_out):
-    """4x4 transposed conv, stride 2 (the size doubles), BatchNorm, LeakyReLU 0.2."""
+    """4x4 transposed conv, stride 2, BatchNorm, LeakyReLU 0.2."""
     return [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
 
 
@@ -128,7 +128,7 @@ def dcgan_decoder(channels, latents, w):
 
 
 class DCGANDiscriminator(nn.Module):
-    """x (B, C, 64, 64) -> (D's logit (B,), Dis_l features (B, F), Q's means of c (B, n_info))."""
+    """x (B, C, 64, 64) -> D's logit (B,), Dis_l (B, F), Q's means of c (B, n_info)."""
 
     def __init__(self, channels, n_info, w):
         super().__init__()
@@ -252,32 +252,30 @@ def forward_with_copied_buffers(D, x):
 
 # ---- ALGO LOGIC: one training step ----
 def train_step(nets, opts, x, args):
-    """One step on images x (B, C, H, W) in [0, 1]; detached LOSSES. One host sync: the gate."""
+    """One step on images x (B, C, H, W) in [0, 1]; detached LOSSES."""
     enc, dec, D = nets["enc"], nets["dec"], nets["D"]
-    batch = x.shape[0]
+    batch = len(x)
     mu, logvar = enc(x).chunk(2, dim=1)
     z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # z ~ q(z|x), reparameterised
     z_p = torch.randn_like(mu)  # z_p ~ N(0, I)
     logits = dec(torch.cat([z, z_p]))  # (2B, C, H, W): x̃ = Dec(z), then x_p = Dec(z_p)
     fakes = torch.sigmoid(logits)
-
     # ---- (1) discriminator step, eq. (1) on x and the fakes x̃, x_p: real and fake in separate
     # BatchNorm batches, as the unroll takes them; skipped while the gate pauses D ----
     real_logit = D(x)[0]
-    fake_logit = D(fakes.detach())[0]
-    # per-image mean BCEs over the B real and 2B fake images
+    fake_logit = D(fakes.detach())[0]  # BCEs: per-image means over B real, 2B fake images
     bce_real = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
     bce_fake = F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
     loss_d = bce_real + bce_fake  # d_loss(real_logit, fake_logit)
     d_on, g_on = equilibrium_gate(bce_real.item(), bce_fake.item(), args.equilibrium,
-                                  args.margin)
+                                  args.margin)  # the step's one host sync
     if d_on:
         opts["d"].zero_grad(set_to_none=True)
         loss_d.backward(inputs=opts["d"].param_groups[0]["params"])
         opts["d"].step()
 
-    # ---- (2) unrolled look-ahead, eqs. (8)-(10): f_K, the fakes' non-saturating GAN loss against
-    # D after K more differentiable Adam updates (also while D is paused: f_K is G's objective) ----
+    # ---- (2) look-ahead, eqs. (8)-(10): f_K, the fakes' non-saturating GAN loss against D
+    # after K more differentiable Adam steps (also while D is paused: f_K is G's objective) ----
     loss_g = unrolled_g_loss(D, opts["d"], x, fakes, args.k, args.lr)
 
     # ---- (3) reconstruction and information terms on the live (not unrolled) D and Q: x, x̃
@@ -329,7 +327,7 @@ def build(args, shape):
 
 
 def setup(args):
-    """Images in [0, 1] (the decoder's sigmoid); the fixed evaluation images; 64 prior samples."""
+    """Images in [0, 1]; the fixed evaluation images; 64 prior samples."""
     data = common.load_data(args.dataset, args.data_root, torch.device(args.device))
     x, factors = common.fixed_images(data, args.mig_samples, args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -340,8 +338,10 @@ def setup(args):
 @torch.no_grad()
 def decode(dec, z):
     """Images (B, C, H, W) in [0, 1] of latents z, on the CPU, as vae_gan.py decodes."""
-    buffers = {name: b.clone() for name, b in dec.named_buffers()}
-    return torch.sigmoid(functional_call(dec, buffers, (z,))).cpu()
+    dec.eval()
+    images = torch.sigmoid(dec(z)).cpu()
+    dec.train()
+    return images
 
 
 @torch.no_grad()
@@ -359,10 +359,9 @@ def evaluate(nets, ctx, args):
 
 @torch.no_grad()
 def save_figures(nets, ctx, args, folder, row):
-    """Reconstructions, samples, Figs. 14 (and traversal.gif) and 15, MI matrix, losses;
-    decoded in one batch after the 1,000 evaluation images' posterior means, as evaluate does."""
+    """Reconstructions, samples, Figs. 14 (and traversal.gif) and 15, MI matrix, losses."""
     n = args.n_info
-    mu = evaluation.encode_posterior(nets["enc"], ctx["x"][:1000])[0].to(args.device)
+    mu = evaluation.encode_posterior(nets["enc"], ctx["x"][:max(8, n)])[0].to(args.device)
     # Fig. 14: row j: image j encoded (first column), then information latent j at μ_j ± 3
     values = torch.linspace(-3, 3, 9)
     offsets = torch.eye(args.latents)[:n, None] * values[:, None]  # (n, 9, L)
