@@ -279,18 +279,18 @@ def evaluate(nets, ctx, args):
 @torch.no_grad()
 def save_figures(nets, ctx, args, folder, row):
     """Reconstructions, samples, Figs. 14 (and traversal.gif) and 15, MI matrix, losses."""
+    dec = nets["dec"]
     mu = evaluation.encode_posterior(nets["enc"], ctx["x"][:8])[0].to(args.device)
+    x = (ctx["x"][:8].float().cpu() + 1) / 2  # [-1, 1] -> [0, 1]
     # Fig. 14: image 0 encoded (first column), then latent j at μ_j ± 3, 10 latents by KL
     order = sorted(range(args.latents), key=lambda j: -row[f"kl_z{j}"])[:10]
     values = torch.linspace(-3, 3, 9)
     offsets = torch.eye(args.latents)[order, None] * values[:, None]  # (rows, 9, L)
-    moved = (mu[0] + offsets.to(mu.device)).flatten(0, 1)
-    images = decode(nets["dec"], torch.cat([mu, moved, ctx["z"]]))
-    rec, moved, samples = images.split([len(mu), len(moved), len(ctx["z"])])
-    x = (ctx["x"][:8].float().cpu() + 1) / 2  # [-1, 1] -> [0, 1]
+    moved = decode(dec, (mu[0] + offsets.to(mu.device)).flatten(0, 1))
+    moved = moved.unflatten(0, (len(order), 9))  # (rows, 9, C, H, W)
     inputs = x[:1].expand(len(order), *x.shape[1:])
-    common.save_vae_figures(folder, row, "VAE-GAN", x, rec[:8], samples,
-                            moved.unflatten(0, (len(order), 9)), order, values, inputs)
+    common.save_vae_figures(folder, row, "VAE-GAN", x, decode(dec, mu), decode(dec, ctx["z"]),
+                            moved, order, values, inputs)
     metrics = os.path.join(folder, "metrics.csv")
     common.plot_metrics(metrics, [f"kl_z{j}" for j in order],
                         os.path.join(folder, "fig15_kl_per_latent.png"), x="step",

@@ -360,17 +360,17 @@ def evaluate(nets, ctx, args):
 @torch.no_grad()
 def save_figures(nets, ctx, args, folder, row):
     """Reconstructions, samples, Figs. 14 (and traversal.gif) and 15, MI matrix, losses."""
+    dec = nets["dec"]
     n = args.n_info
     mu = evaluation.encode_posterior(nets["enc"], ctx["x"][:max(8, n)])[0].to(args.device)
+    x = ctx["x"][:max(8, n)].float().cpu()
     # Fig. 14: row j: image j encoded (first column), then information latent j at μ_j ± 3
     values = torch.linspace(-3, 3, 9)
     offsets = torch.eye(args.latents)[:n, None] * values[:, None]  # (n, 9, L)
-    moved = (mu[:n, None] + offsets.to(mu.device)).flatten(0, 1)
-    images = decode(nets["dec"], torch.cat([mu, moved, ctx["z"]]))
-    rec, moved, samples = images.split([len(mu), len(moved), len(ctx["z"])])
-    x = ctx["x"][:max(8, n)].float().cpu()
-    common.save_vae_figures(folder, row, "VAE-InfoGAN", x[:8], rec[:8], samples,
-                            moved.unflatten(0, (n, 9)), range(n), values, x[:n])
+    moved = decode(dec, (mu[:n, None] + offsets.to(mu.device)).flatten(0, 1))
+    common.save_vae_figures(folder, row, "VAE-InfoGAN", x[:8], decode(dec, mu[:8]),
+                            decode(dec, ctx["z"]), moved.unflatten(0, (n, 9)), range(n), values,
+                            x[:n])
     metrics = os.path.join(folder, "metrics.csv")
     common.plot_metrics(metrics, ["kl_info", "kl_rest"],
                         os.path.join(folder, "fig15_kl_per_latent.png"), x="step",
