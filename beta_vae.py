@@ -190,10 +190,7 @@ def setup(args):
 @torch.no_grad()
 def decode(dec, z):
     """Images (B, C, H, W) in [0, 1] of latents z, on the CPU (the decoder in eval mode)."""
-    dec.eval()
-    images = torch.sigmoid(dec(z)).cpu()
-    dec.train()
-    return images
+    return torch.sigmoid(evaluation.in_chunks(dec, z)).cpu()
 
 
 @torch.no_grad()

@@ -260,10 +260,7 @@ def setup(args):
 def decode(dec, z):
     """Images (B, C, H, W) in [0, 1] of latents z, on the CPU. Eval mode: the running statistics
     of BatchNorm, which one decoder batch of posterior and prior codes a step trains."""
-    dec.eval()
-    images = (dec(z).cpu() + 1) / 2
-    dec.train()
-    return images
+    return (evaluation.in_chunks(dec, z).cpu() + 1) / 2
 
 
 @torch.no_grad()

@@ -338,10 +338,7 @@ def setup(args):
 @torch.no_grad()
 def decode(dec, z):
     """Images (B, C, H, W) in [0, 1] of latents z, on the CPU, as vae_gan.py decodes."""
-    dec.eval()
-    images = torch.sigmoid(dec(z)).cpu()
-    dec.train()
-    return images
+    return torch.sigmoid(evaluation.in_chunks(dec, z)).cpu()
 
 
 @torch.no_grad()
