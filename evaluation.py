@@ -425,6 +425,7 @@ VAE_COLUMNS = (  # (metrics.csv column, header, format)
     ("mse", "recon MSE", "{:.4f}"),
     ("grey_pct", "grey pixels %", "{:.1f}"),
     ("active", "active latents (KL > 0.5)", "{:.1f}"))
+GAN_COLUMNS = ("bce_real", "bce_fake", "d_on", "g_on")  # GAN rows: means over the 2nd half
 
 
 def run_folders(paths):
@@ -472,8 +473,7 @@ def load_runs(paths):
             common.die("the runs are of different datasets")
         runs.append((cfg, rows, d))
     if not runs:
-        where = " ".join(map(str, paths))
-        common.die(f"no run folders (with config.json and metrics.csv) in {where}")
+        common.die(f"no run folders (with config.json and metrics.csv) in {' '.join(paths)}")
     return runs
 
 
@@ -622,17 +622,16 @@ def save_beta_sweep(runs, step, out):
 
 
 def compare_vae(paths, out, command):
-    """comparison.md of β-VAE, VAE-GAN and VAE-InfoGAN runs: one row per setting, the mean ± s.d.
-    over seeds at the last step every run reached, which latent carries each factor in each seed,
-    D's mean loss over the second half (GAN rows); fig_mig_steps.png: MIG against steps, one curve
-    per setting; fig_vae_sweep.png: the MIGs and recon error of β-VAE runs against β."""
+    """comparison.md of VAE-family runs: a row per setting, mean ± s.d. over seeds at the last step
+    all reached, the latent carrying each factor in each seed, GAN_COLUMNS over the second half;
+    fig_mig_steps.png (MIG against steps) and fig_vae_sweep.png (MIGs, recon error against β)."""
     step, runs = at_common_step(load_runs(paths))
     groups = {}
     for cfg, rows, d in runs:
         groups.setdefault(vae_label(cfg, d), []).append((cfg, rows))
     factors = [k[len("gap_"):] for k in runs[0][1][-1] if k.startswith("gap_")]
     header = ["setting", "seeds", *(h for _, h, _ in VAE_COLUMNS), *(f"gap {f}" for f in factors),
-              "loss_d 2nd half", *(f"{f} on" for f in factors)]
+              *(f"{c} 2nd half" for c in GAN_COLUMNS), *(f"{f} on" for f in factors)]
     lines = [f"# {runs[0][0]['dataset']}: {len(runs)} runs at step {step:.0f}", "",
              f"command: `{command}`", "",
              "mean ± s.d. over seeds; MIG and gaps on z sampled from q(z|x) unless marked; "
@@ -646,9 +645,10 @@ def compare_vae(paths, out, command):
         cells = [label, " ".join(str(cfg["seed"]) for cfg, _ in members)]
         cells += [stat([r[c] for r in last], 1, fmt) for c, _, fmt in VAE_COLUMNS]
         cells += [stat([r[f"gap_{f}"] for r in last], 1, "{:.3f}") for f in factors]
-        gan = "loss_d" in last[0]  # D's loss, the mean over each run's second half
-        halves = [[r["loss_d"] for r in rows if r["step"] > step / 2] for _, rows in members if gan]
-        cells.append(stat([sum(h) / len(h) for h in halves if h], 1, "{:.2f}") if gan else "—")
+        for c in GAN_COLUMNS:  # each run's mean over its second half, then over seeds
+            half = [[r[c] for r in rows if c in r and r["step"] > step / 2] for _, rows in members]
+            cells.append(stat([sum(h) / len(h) for h in half], 1, "{:.2f}") if c in last[0]
+                         else "—")
         on = [carriers(r, factors) for r in last]
         cells += ["/".join(c[f] for c in on) for f in factors]
         lines.append("| " + " | ".join(cells) + " |")

@@ -926,6 +926,11 @@ def test_a_beta_sweep_writes_its_comparison_of_runs_measured_alike(tmp_path):
     assert "| VAE (β = 1) | 1 |" in table and "| β-VAE β = 2 | 1 |" in table
     assert "pos_x on" in table and "MIG (sampled z)" in table
     assert (sweep / "fig_vae_sweep.png").stat().st_size > 0
+    # beside a GAN-VAE: its D's BCEs and the gate's shares over the 2nd half; none for a VAE
+    gan = run(vi, tmp_path / "gan", *case_argv(vi, "squares", {}), "--steps", "2")
+    rows = evaluation.compare_runs([sweep, gan], str(tmp_path / "cmp"), "test")[-3:]
+    assert rows[0].split(" | ")[10:14] == ["—"] * 4 and rows[1].split(" | ")[10:14] == ["—"] * 4
+    assert all(0 <= float(cell) <= 1e3 for cell in rows[2].split(" | ")[10:14]), rows[2]
     # a sweep's short runs begin within a second of each other: each gets a folder of its own
     args = parsed(beta_vae, "--dataset", "squares", "--out", tmp_path / "same_second")
     first, second = beta_vae.make_run_folder(args), beta_vae.make_run_folder(args)
