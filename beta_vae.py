@@ -4,8 +4,8 @@ Higgins et al. 2017 (β-VAE; β = 1: the plain VAE); --tcvae: β weighs only the
 total correlation (Chen et al. 2018, β-TCVAE). Each epoch, on fixed images: KL
 per latent; with known factors, MIG of μ and of sampled z, and the MI matrix.
 
-    python beta_vae.py --dataset squares --beta 1 8 --seed 3  # Lab 3
-    python beta_vae.py --dataset squares --tcvae --beta 30 --seed 3  # Lab 3
+    python beta_vae.py --dataset squares --tcvae --beta 1 30  # Lab 3: VAE, β-TCVAE
+    python beta_vae.py --dataset squares --beta 8  # Lab 3: β-VAE
 """
 import argparse
 import itertools

@@ -7,7 +7,7 @@ reconstructions and prior samples are both GAN fakes; --beta weighs the prior (K
 the report; --gamma weighs reconstruction against the GAN term in the decoder's loss; their
 equilibrium gate keeps the game going. Their 64x64 nets, channel widths × --width.
 
-    python vae_gan.py --dataset squares --seed 3   # Lab 4's VAE-GAN row
+    python vae_gan.py --dataset squares --batch-size 32 --epoch-steps 500 --epochs 5  # Lab 4
 """
 import argparse
 import itertools

@@ -2,8 +2,8 @@
 (Higgins et al. 2017) whose first --n-info latents also get InfoGAN's L_I (Chen et al. 2016),
 its GAN part unrolled K steps (Metz et al. 2017), balanced by Larsen et al.'s gate.
 
-    python vae_infogan.py --dataset squares --k 0 --seed 3   # Lab 4's K = 0 row
-    python vae_infogan.py --dataset squares --k 3 --seed 3   # Lab 4's K = 3 row
+    S="--dataset squares --batch-size 32 --epoch-steps 500 --epochs 5"  # Lab 4
+    python vae_infogan.py $S --k 0 3  # K = 0, then K = 3
 """
 import argparse
 import itertools
