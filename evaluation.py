@@ -473,7 +473,7 @@ def load_runs(paths):
             common.die("the runs are of different datasets")
         runs.append((cfg, rows, d))
     if not runs:
-        common.die(f"no run folders (with config.json and metrics.csv) in {' '.join(paths)}")
+        common.die(f"no run folders (config.json, metrics.csv) in {' '.join(map(str, paths))}")
     return runs
 
 
