@@ -1010,6 +1010,21 @@ def small_vae_infogan(*flags):
     return (args, *vi.build(args, (1, 64, 64)))
 
 
+def test_vae_infogan_li_body_moves_q_body_on_l_i_alone():
+    """D paused by the gate (BCEs under 9 - 1), the decoder on: D's body, Q's too, moves only
+    with --li-body, and only by λ·L_I (λ = 0: not at all, so recon and f_K do not reach it)."""
+    x = torch.rand(8, 1, 64, 64)
+    for flags, moves in [((), False), (("--li-body", "--lambda-info", "0"), False),
+                         (("--li-body",), True)]:
+        args, nets, opts = small_vae_infogan("--k", "2", "--equilibrium", "9", "--margin", "1",
+                                             *flags)
+        before = [p.detach().clone() for p in nets["D"].body.parameters()]
+        losses = vi.train_step(nets, opts, x, args)
+        assert losses[-2:].tolist() == [0.0, 1.0]  # d_on, g_on
+        after = list(nets["D"].body.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(after, before)) == moves, flags
+
+
 def test_vae_infogan_optimizers_d_and_the_encoders_gradients_and_its_kl_split():
     args, nets, opts = small_vae_infogan("--k", "3")
     owner = {id(p): k for k, o in opts.items() for group in o.param_groups for p in group["params"]}
@@ -1074,7 +1089,7 @@ def test_vae_infogan_optimizers_d_and_the_encoders_gradients_and_its_kl_split():
 # plumbing (about 140 lines at 60 characters) and the unroll keep them at 500 and 60
 BUDGETS = {"infogan.py": 370, "beta_vae.py": 360, "vae_gan.py": 420, "vae_infogan.py": 500,
            "unrolled_infogan.py": 520, "common.py": 480, "evaluation.py": 700,
-           "test_smoke.py": 1100}
+           "test_smoke.py": 1115}
 MEAN = 60  # characters per non-blank line of a script
 
 

@@ -75,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--equilibrium", type=between(0, 100), help="the gate's target BCE of D")
     p.add_argument("--margin", type=between(0, math.inf), help="around it; inf: no gate")
     p.add_argument("--lambda-info", type=between(0, 1e6), help="weight λ of L_I")
+    p.add_argument("--li-body", action="store_true", help="L_I also trains Q's body (D's)")
     p.add_argument("--lr", type=between(1e-9, 1), help="Adam learning rate, also the unroll's")
     p.add_argument("--width", type=between(1 / 32, 32), help="× 32 channels of the first conv")
     p.add_argument("--mig-samples", type=between(8, 10 ** 5, int), help="fixed images for MIG")
@@ -296,10 +297,12 @@ def train_step(nets, opts, x, args):
     li = 0.5 * (q[batch:] - codes).pow(2).sum(1).mean()  # q: Q's means of c
 
     # ---- (4) encoder step: β·L_prior + recon + λ·li; decoder and Q head step: γ·recon + f_K +
-    # λ·li (through f_K: eq. (11), both terms), skipped whole while the gate pauses it. Q's
-    # body is D's, trained by D's step only ----
+    # λ·li (through f_K: eq. (11), both terms), skipped whole while the gate pauses it ----
     opts["enc"].zero_grad(set_to_none=True)
     opts["dec"].zero_grad(set_to_none=True)
+    if args.li_body:  # eq. (3) minimises L_I over all of Q: its body (D's) too, else D's step only
+        opts["q_body"].zero_grad(set_to_none=True)
+        (args.lambda_info * li).backward(inputs=list(D.body.parameters()), retain_graph=True)
     enc_loss = args.beta * kl + recon + args.lambda_info * li
     enc_loss.backward(inputs=list(enc.parameters()), retain_graph=True)
     dec_loss = args.gamma * recon + loss_g + args.lambda_info * li
@@ -307,6 +310,8 @@ def train_step(nets, opts, x, args):
     opts["enc"].step()
     if g_on:
         opts["dec"].step()
+    if g_on and args.li_body:
+        opts["q_body"].step()
     stats = [loss_d, loss_g, recon, kl, li, bce_real, bce_fake]
     return torch.stack([*stats, x.new_tensor(d_on), x.new_tensor(g_on)]).detach()
 
@@ -322,6 +327,8 @@ def build(args, shape):
     groups = {"enc": [*enc.parameters()],
               "dec": [*dec.parameters(), *D.q_head.parameters()],
               "d": [*D.body.parameters(), *D.d_head.parameters()]}
+    if args.li_body:  # Q's body (D's) on L_I, eq. (3): a second Adam of the same parameters
+        groups["q_body"] = [*D.body.parameters()]
     opts = {k: torch.optim.Adam(ps, args.lr, betas=(0.5, 0.999)) for k, ps in groups.items()}
     return {"enc": enc, "dec": dec, "D": D}, opts
 
@@ -371,8 +378,7 @@ def save_figures(nets, ctx, args, folder, row):
     metrics = os.path.join(folder, "metrics.csv")
     common.plot_metrics(metrics, ["kl_info", "kl_rest"],
                         os.path.join(folder, "fig15_kl_per_latent.png"), x="step",
-                        ylabel="KL per latent (nats)",
-                        title="mean KL per latent: information vs incompressible latents")
+                        ylabel="KL per latent (nats)", title="information vs other latents")
     common.plot_metrics(metrics, ["loss_d", "loss_g", "recon", "kl", "li", "bce_real", "bce_fake"],
                         os.path.join(folder, "losses.png"), x="step", logy=True,
                         title="VAE-InfoGAN losses")
@@ -488,7 +494,6 @@ def main(argv=None):
     args, ckpt = parse_args(argv)
     return train(args, ckpt) if ckpt else evaluation.sweep(train, args, SCRIPT, argv)
 # ==== end of the plumbing ====
-
 
 
 if __name__ == "__main__":
