@@ -588,7 +588,8 @@ def vae_label(cfg, folder):
         return f"{'β-TCVAE' if cfg.get('tcvae') else 'β-VAE'} β = {cfg['beta']:g}"
     if script == "vae_gan":
         return f"VAE-GAN β = {cfg['beta']:g}"
-    return f"VAE-InfoGAN K = {cfg['k']} β = {cfg['beta']:g}"
+    body = ", Q's body on L_I" if cfg.get("li_body") else ""  # --li-body
+    return f"VAE-InfoGAN K = {cfg['k']} β = {cfg['beta']:g}{body}"
 
 
 def carriers(row, factors):
@@ -617,8 +618,7 @@ def save_beta_sweep(runs, step, out):
             panels[ylabel][kind] = (xs, [sum(v) / len(v) for v in values],
                                     [min(v) for v in values], [max(v) for v in values])
     common.save_panels(panels, os.path.join(out, "fig_vae_sweep.png"), xlabel="β",
-                       title=f"{runs[0][0]['dataset']}, step {step:.0f}: mean over seeds, "
-                             "band min-max")
+                       title=f"{runs[0][0]['dataset']}, step {step:.0f}: seeds' mean, min-max")
 
 
 def compare_vae(paths, out, command):

@@ -318,7 +318,7 @@ def train_step(nets, opts, x, args):
 
 # ---- Setup, evaluation, figures ----
 def build(args, shape):
-    """Encoder, decoder, D with Q's head; three Adams (β1 = 0.5), "dec" with Q's head."""
+    """Encoder, decoder, D with Q's head; Adams (β1 = 0.5): enc, dec with Q's head, d (q_body)."""
     common.need(args.n_info < args.latents, "--n-info must be less than --latents")
     w = max(1, round(32 * args.width))  # the first conv's channels
     enc = dcgan_encoder(shape[0], args.latents, w).to(args.device)
@@ -410,7 +410,7 @@ def read_checkpoint(path):
 def make_run_folder(args):
     """runs/<script>__<dataset>[__k<K>][__beta<β>][__tcvae]__s<seed>__<time>/"""
     tags = [f"{f}{vars(args)[f]:g}" for f in ("k", "beta") if f in vars(args)]
-    tags += [f.replace("_", "-") for f in ("tcvae", "first_order") if vars(args).get(f)]
+    tags += [f.replace("_", "-") for f in ("tcvae", "first_order", "li_body") if vars(args).get(f)]
     tags += [f"s{args.seed}", f"{datetime.now():%Y%m%d-%H%M%S-%f}"]  # μs: unique
     folder = os.path.join(args.out, "__".join([SCRIPT[:-3], args.dataset, *tags]))
     os.makedirs(folder)
