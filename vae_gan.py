@@ -321,7 +321,7 @@ def read_checkpoint(path):
 
 
 def make_run_folder(args):
-    """runs/<script>__<dataset>[__k<K>][__beta<β>][__tcvae]__s<seed>__<time>/"""
+    """runs/<script>__<dataset>[__k<K>][__beta<β>][__<each flag set>]__s<seed>__<time>/"""
     tags = [f"{f}{vars(args)[f]:g}" for f in ("k", "beta") if f in vars(args)]
     tags += [f.replace("_", "-") for f in ("tcvae", "first_order", "li_body") if vars(args).get(f)]
     tags += [f"s{args.seed}", f"{datetime.now():%Y%m%d-%H%M%S-%f}"]  # μs: unique
